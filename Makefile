@@ -1,0 +1,30 @@
+# Two entry points: `make train` (the default recipe) and `make test` (the test suite).
+# Both create and reuse a virtual environment in .venv; pass Hydra overrides with ARGS="...".
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: train test test-all lint clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m ssd_lightning.train $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests
+	$(PY) -m pytest $(ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m '' $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests
+
+clean-venv:
+	rm -rf $(VENV)

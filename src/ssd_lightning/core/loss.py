@@ -1,0 +1,102 @@
+"""The SSD MultiBox loss: smooth-L1 on positives + cross-entropy with hard-negative mining."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+from ssd_lightning.core.box_coding import VARIANCES, encode
+from ssd_lightning.core.matching import match_anchors
+
+
+@dataclass
+class LossOutput:
+    total: Tensor  # () box + cls, the value to backpropagate
+    box: Tensor  # () smooth-L1 sum over positives / total positives
+    cls: Tensor  # () cross-entropy over positives and mined negatives / total positives
+    num_pos: Tensor  # (B,) positive anchors per image
+    num_neg: Tensor  # (B,) mined negative anchors per image
+    accuracy: Tensor  # () class accuracy over the anchors in the loss (positives + mined negatives)
+    box_mae: Tensor  # () mean |offset error| over positive anchors, in encoded units
+
+
+class MultiBoxLoss(nn.Module):
+    """Batched SSD loss.
+
+    Per image, the k = min(neg_ratio * num_pos, num_neg) background anchors with the highest
+    cross-entropy are mined (ranked with a sort over the whole batch, no per-image loop). An image
+    without GT mines ``neg_ratio`` negatives as if it had one positive: it still teaches the class
+    head what background looks like, and its loss stays finite. Both parts are divided by the
+    number of positives in the batch (at least 1).
+    """
+
+    def __init__(
+        self,
+        neg_ratio: float = 4.0,
+        beta: float = 0.1,
+        iou_threshold: float = 0.5,
+        variances: tuple[float, float] = VARIANCES,
+    ):
+        super().__init__()
+        if neg_ratio <= 0:
+            raise ValueError(f"model.loss.neg_ratio={neg_ratio}: must be > 0")
+        if not 0 < iou_threshold <= 1:
+            raise ValueError(f"model.loss.iou_threshold={iou_threshold}: must be in (0, 1]")
+        self.neg_ratio = neg_ratio
+        self.beta = beta
+        self.iou_threshold = iou_threshold
+        self.variances = tuple(variances)
+
+    def forward(
+        self,
+        loc: Tensor,
+        logits: Tensor,
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        gt_mask: Tensor,
+        anchors_cxcywh: Tensor,
+        anchors_xyxy: Tensor,
+    ) -> LossOutput:
+        """loc (B,N,4), logits (B,N,C); gt_boxes (B,G,4) xyxy normalized, gt_labels (B,G) int64,
+        gt_mask (B,G) bool; anchors (N,4) normalized, center and corner form."""
+        loc, logits = loc.float(), logits.float()  # the loss in fp32 even under autocast
+        B, N, C = logits.shape
+        matched = match_anchors(gt_boxes, gt_mask, anchors_xyxy, self.iou_threshold)  # (B, N)
+        pos = matched >= 0
+        idx = matched.clamp(min=0)
+        gt_for_anchor = gt_boxes.gather(1, idx[..., None].expand(B, N, 4))  # (B, N, 4) xyxy
+        target_loc = encode(
+            box_convert(gt_for_anchor, "xyxy", "cxcywh"), anchors_cxcywh, self.variances
+        )
+        # targets of background anchors are meaningless (possibly padding); zero them, masked below
+        target_loc = torch.where(pos[..., None], target_loc, 0.0)
+        target_cls = torch.where(pos, gt_labels.gather(1, idx), 0)  # (B, N)
+
+        box_err = F.smooth_l1_loss(loc, target_loc, beta=self.beta, reduction="none").sum(-1)
+        box_sum = (box_err * pos).sum()
+
+        ce = F.cross_entropy(logits.reshape(-1, C), target_cls.reshape(-1), reduction="none")
+        ce = ce.view(B, N)
+        num_pos = pos.sum(1)  # (B,)
+        num_neg = N - num_pos
+        k = torch.minimum((self.neg_ratio * num_pos.clamp(min=1)).long(), num_neg)  # (B,)
+        # rank background anchors by loss; positives go last
+        ranking = ce.detach().masked_fill(pos, float("-inf"))
+        rank = ranking.argsort(1, descending=True).argsort(1)  # (B, N) rank of each anchor
+        hard_neg = (rank < k[:, None]) & ~pos
+        in_loss = pos | hard_neg
+        cls_sum = (ce * in_loss).sum()
+
+        total_pos = num_pos.sum().clamp(min=1)
+        box, cls = box_sum / total_pos, cls_sum / total_pos
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == target_cls) & in_loss
+            accuracy = correct.sum() / in_loss.sum().clamp(min=1)
+            box_mae = ((loc - target_loc).abs().sum(-1) * pos).sum() / (4 * total_pos)
+        return LossOutput(
+            box + cls, box, cls, num_pos.float(), hard_neg.sum(1).float(), accuracy, box_mae
+        )

@@ -1,0 +1,63 @@
+"""Batched inference: decode, confidence threshold, NMS and top-k for a whole batch at once."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms, box_convert
+
+from ssd_lightning.core.box_coding import VARIANCES, decode
+
+
+def postprocess(
+    loc: Tensor,
+    logits: Tensor,
+    anchors_cxcywh: Tensor,
+    orig_sizes: Tensor,
+    score_threshold: float = 0.5,
+    nms_threshold: float = 0.45,
+    top_k: int = 20,
+    pre_nms_top_k: int | None = 400,
+    variances: tuple[float, float] = VARIANCES,
+) -> list[dict[str, Tensor]]:
+    """loc (B,N,4), logits (B,N,C), anchors (N,4) cxcywh normalized, orig_sizes (B,2) (h, w).
+
+    Returns one dict per image: ``boxes`` (K,4) xyxy in original image pixels, ``scores`` (K,),
+    ``labels`` (K,) int64 (1..C-1), sorted by score, K <= top_k. Foreground classes are scored
+    with a softmax; ``pre_nms_top_k`` keeps only each image's best candidates before NMS (None:
+    all). One ``batched_nms`` call covers the batch, with (image, class) as the group.
+    """
+    B, N, C = logits.shape
+    scores = logits.float().softmax(-1)[..., 1:].reshape(B, -1)  # (B, N*(C-1)), index n*(C-1)+c
+    if pre_nms_top_k is not None and pre_nms_top_k < scores.shape[1]:
+        scores, cand = scores.topk(pre_nms_top_k, dim=1)  # (B, K)
+    else:
+        cand = torch.arange(scores.shape[1], device=scores.device).expand(B, -1)
+    anchor_idx = torch.div(cand, C - 1, rounding_mode="floor")
+    labels = cand % (C - 1) + 1
+    offsets = loc.float().gather(1, anchor_idx[..., None].expand(-1, -1, 4))
+    boxes = decode(offsets, anchors_cxcywh[anchor_idx], variances)  # (B, K, 4) cxcywh normalized
+    boxes = box_convert(boxes, "cxcywh", "xyxy").clamp(0.0, 1.0)
+    hw = orig_sizes.to(boxes)
+    boxes = boxes * torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None]  # pixels
+
+    img, j = (scores > score_threshold).nonzero(as_tuple=True)  # the one unavoidable sync
+    boxes, scores, labels = boxes[img, j], scores[img, j], labels[img, j]
+    keep = batched_nms(boxes, scores, img * C + labels, nms_threshold)  # sorted by score
+    # top-k per image: stable-sort the survivors by image, then rank within each image
+    img_keep, order = img[keep].sort(stable=True)
+    keep = keep[order]
+    counts = torch.bincount(img_keep, minlength=B)
+    starts = counts.cumsum(0) - counts
+    rank = torch.arange(len(keep), device=keep.device) - starts[img_keep]
+    keep = keep[rank < top_k]
+    counts = counts.clamp(max=top_k).tolist()
+    return [
+        {"boxes": b, "scores": s, "labels": lab}
+        for b, s, lab in zip(
+            boxes[keep].split(counts),
+            scores[keep].split(counts),
+            labels[keep].split(counts),
+            strict=True,
+        )
+    ]

@@ -1,0 +1,133 @@
+"""The SSD network: normalization, backbone, heads and the anchors as buffers."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+from ssd_lightning.core.anchors import anchor_pairs, generate_anchors
+from ssd_lightning.core.backbone import ResNet34Backbone
+from ssd_lightning.core.heads import SSDHeads
+from ssd_lightning.core.postprocess import postprocess
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _plain(obj: Any) -> Any:
+    """DictConfig / ListConfig / tuples -> plain dicts and lists (without importing omegaconf)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple) or type(obj).__name__ == "ListConfig":
+        return [_plain(v) for v in obj]
+    return obj
+
+
+class SSD(nn.Module):
+    """images (B, 3, S, S) float in [0, 1] -> loc (B, N, 4) offsets, logits (B, N, num_classes).
+
+    ``anchors`` is an anchor preset (see ``core.anchors``); ``weights`` is
+    ``auto | imagenet | none | <path>`` for the ResNet-34 trunk.
+    """
+
+    def __init__(
+        self,
+        anchors: Mapping,
+        num_classes: int = 2,
+        image_size: int = 300,
+        weights: str = "auto",
+        head_kernel_size: int = 1,
+        feature_channels: int = 256,
+    ):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"model.net.num_classes={num_classes}: need >= 2 (background + 1)")
+        if image_size < 64:
+            raise ValueError(f"model.net.image_size={image_size}: must be >= 64")
+        anchors = _plain(anchors)
+        self.config = {
+            "anchors": anchors,
+            "num_classes": num_classes,
+            "image_size": image_size,
+            "weights": str(weights),
+            "head_kernel_size": head_kernel_size,
+            "feature_channels": feature_channels,
+        }
+        self.num_classes = num_classes
+        self.image_size = image_size
+        pairs = anchor_pairs(anchors)  # validates the preset first: cheap, and errors come early
+        self.backbone = ResNet34Backbone(image_size, str(weights), feature_channels)
+        self.weights_source = self.backbone.weights_source
+        self.feature_sizes = self.backbone.feature_sizes
+        self.anchors_per_location = [len(level) for level in pairs]
+        anchors_cxcywh = generate_anchors(
+            self.feature_sizes, pairs, clip=bool(anchors.get("clip", True))
+        )
+        self.heads = SSDHeads(
+            self.anchors_per_location, num_classes, feature_channels, head_kernel_size
+        )
+        # Non-persistent: derived from the config, so checkpoints stay loadable if the code changes.
+        self.register_buffer(
+            "anchors_cxcywh", anchors_cxcywh, persistent=False
+        )  # (N, 4) normalized
+        self.register_buffer(
+            "anchors_xyxy", box_convert(anchors_cxcywh, "cxcywh", "xyxy"), persistent=False
+        )
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_anchors(self) -> int:
+        return self.anchors_cxcywh.shape[0]
+
+    def feature_maps(self, images: Tensor) -> list[Tensor]:
+        """images (B, 3, S, S) in [0, 1] -> six maps (B, 256, h_k, w_k)."""
+        return self.backbone((images - self.mean) / self.std)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        return self.heads(self.feature_maps(images))
+
+    @torch.no_grad()
+    def detect(
+        self,
+        images: Tensor,
+        orig_sizes: Tensor,
+        score_threshold: float = 0.5,
+        nms_threshold: float = 0.45,
+        top_k: int = 20,
+    ) -> list[dict[str, Tensor]]:
+        """images (B, 3, S, S) in [0, 1], orig_sizes (B, 2) (h, w) -> per-image detections, boxes
+        xyxy in original image pixels."""
+        loc, logits = self(images)
+        return postprocess(
+            loc, logits, self.anchors_cxcywh, orig_sizes, score_threshold, nms_threshold, top_k
+        )
+
+
+def export_model(model: SSD, path: str | Path, extra: dict | None = None) -> Path:
+    """Save a Lightning-free file: the state dict plus the constructor config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"config": copy.deepcopy(model.config), "state_dict": state, **(extra or {})}, path)
+    return path
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> SSD:
+    """Rebuild an ``SSD`` from ``export_model``'s file (no ImageNet weights needed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
+        raise ValueError(f"{path}: not a file written by ssd_lightning.core.export_model")
+    model = SSD(**{**blob["config"], "weights": "none"})
+    model.load_state_dict(blob["state_dict"])
+    model.config["weights"] = blob["config"]["weights"]
+    return model.to(map_location).eval()

@@ -1,0 +1,189 @@
+"""`PennFudanDataset`: Penn-Fudan images with boxes derived from the instance masks.
+
+Returns ``(image, target)``: ``image`` a ``tv_tensors.Image`` (uint8 (3,H,W) RGB without
+transforms), ``target`` a dict with ``boxes`` (``tv_tensors.BoundingBoxes`` XYXY, pixels of the
+returned image, ``canvas_size`` set), ``labels`` (G,) int64 (1 = pedestrian), optional ``masks``
+(``tv_tensors.Mask`` (G,H,W) bool), ``orig_size`` (2,) int64 (height, width) of the file,
+``name`` (file name) and ``fallback`` (0/1/2, see ``__getitem__``).
+
+Pixel convention: ``masks_to_boxes`` returns the *inclusive* last pixel index as x2/y2; we add 1
+so boxes use continuous pixel edges (pixel i spans [i, i+1)): a one-pixel instance has width 1,
+boxes lie in [0, W] x [0, H], and resizing scales them exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
+
+from ssd_lightning.data.manifest import IMAGE_DIR, MASK_DIR, list_image_names, mask_name
+
+PEDESTRIAN = 1
+Transform = Callable[[tv_tensors.Image, dict], tuple[tv_tensors.Image, dict]]
+
+
+class DatasetReadError(RuntimeError):
+    """An image or mask file could not be read or does not fit its partner."""
+
+
+def _decode(path: Path, rgb: bool, what: str) -> Tensor:
+    # PIL rather than torchvision.io: its decoders are deprecated in torchvision 0.29.
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im.convert("RGB") if rgb else im)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DatasetReadError(f"cannot read {what} file {path}: {e}") from e
+    t = torch.from_numpy(arr)
+    return t.permute(2, 0, 1).contiguous() if rgb else t
+
+
+def _file_key(path: str) -> tuple[str, int, int]:
+    # cache key: a file replaced on disk is decoded again
+    try:
+        st = Path(path).stat()
+    except OSError as e:
+        raise DatasetReadError(f"cannot read {path}: {e}") from e
+    return path, st.st_mtime_ns, st.st_size
+
+
+def load_image(path: str) -> Tensor:
+    """Decoded uint8 (3,H,W) RGB image (grayscale/RGBA/palette converted), cached per process."""
+    return _cached_image(*_file_key(path))
+
+
+@functools.cache
+def _cached_image(path: str, mtime_ns: int, size: int) -> Tensor:
+    return _decode(Path(path), True, "image")
+
+
+def _load_mask(path: Path) -> Tensor:
+    mask = _decode(path, False, "mask")
+    if mask.ndim != 2:
+        raise DatasetReadError(
+            f"mask file {path} must be single-channel (instance ids), got {tuple(mask.shape)}"
+        )
+    return mask.long()
+
+
+def load_instances(path: str) -> tuple[Tensor, Tensor]:
+    """(boxes (G,4) float32 xyxy pixel edges, ids (G,) int64) of a mask file, cached per process."""
+    return _cached_instances(*_file_key(path))
+
+
+@functools.cache
+def _cached_instances(path: str, mtime_ns: int, size: int) -> tuple[Tensor, Tensor]:
+    mask = _load_mask(Path(path))
+    ids = torch.unique(mask)
+    ids = ids[ids > 0]
+    if len(ids) == 0:
+        return torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+    boxes = masks_to_boxes(mask[None] == ids[:, None, None])
+    boxes[:, 2:] += 1  # inclusive last pixel -> exclusive edge
+    return boxes, ids
+
+
+class PennFudanDataset(Dataset):
+    """Penn-Fudan samples for the given image file names (default: all under `root/PNGImages`).
+
+    transforms: callable ``(image, {"boxes", "labels"[, "masks"]}) -> (image, target)``.
+    fallbacks: tried in order when `transforms` leaves a sample that had boxes with none; the
+        stage that produced the sample (1-based, 0 = none) is returned as ``target["fallback"]``.
+    skip_empty: leave out (with a warning) images whose mask has no instance — for training.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        names: Sequence[str] | None = None,
+        transforms: Transform | None = None,
+        fallbacks: Sequence[Transform] = (),
+        skip_empty: bool = False,
+        with_masks: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        names = list(list_image_names(self.root) if names is None else names)
+        if not names:
+            raise DatasetReadError(f"no images found under {self.root / IMAGE_DIR}")
+        self.transforms = transforms
+        self.fallbacks = list(fallbacks)
+        self.with_masks = with_masks
+        self.empty: list[str] = [n for n in names if len(self._instances(n)[0]) == 0]
+        if self.empty and skip_empty:
+            warnings.warn(
+                f"{len(self.empty)} image(s) under {self.root} have no pedestrian in their mask "
+                f"and are left out of training: {', '.join(self.empty)}",
+                stacklevel=2,
+            )
+            names = [n for n in names if n not in set(self.empty)]
+        self.names = names
+
+    def image_path(self, name: str) -> Path:
+        return self.root / IMAGE_DIR / name
+
+    def mask_path(self, name: str) -> Path:
+        return self.root / MASK_DIR / mask_name(name)
+
+    def _instances(self, name: str) -> tuple[Tensor, Tensor]:
+        return load_instances(str(self.mask_path(name)))
+
+    def preload(self) -> None:
+        """Decode every image now (e.g. in the main process before DataLoader workers fork)."""
+        for name in self.names:
+            load_image(str(self.image_path(name)))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def raw(self, index: int) -> tuple[tv_tensors.Image, dict]:
+        """The untransformed sample: uint8 image and boxes in original pixels."""
+        name = self.names[index]
+        img = load_image(str(self.image_path(name)))
+        boxes, ids = self._instances(name)
+        h, w = img.shape[-2:]
+        if len(boxes) and (boxes[:, 2].max() > w or boxes[:, 3].max() > h):
+            raise DatasetReadError(
+                f"mask {self.mask_path(name)} is larger than image "
+                f"{self.image_path(name)} ({h}x{w})"
+            )
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes.clone(), format="XYXY", canvas_size=(h, w)),
+            "labels": torch.full((len(boxes),), PEDESTRIAN, dtype=torch.int64),
+        }
+        if self.with_masks:
+            mask = _load_mask(self.mask_path(name))
+            if mask.shape != (h, w):
+                raise DatasetReadError(
+                    f"mask {self.mask_path(name)} is {tuple(mask.shape)}, image "
+                    f"{self.image_path(name)} is {(h, w)}"
+                )
+            target["masks"] = tv_tensors.Mask(mask[None] == ids[:, None, None])
+        return tv_tensors.Image(img), target
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict]:
+        image, target = self.raw(index)
+        h, w = image.shape[-2:]
+        had_boxes = len(target["boxes"]) > 0
+        out_img, out_t, stage = image, target, 0
+        if self.transforms is not None:
+            out_img, out_t = self.transforms(image, target)
+            # Empty-box fallback: guarantee every training sample keeps at least one box.
+            for stage_no, fb in enumerate(self.fallbacks, start=1):
+                if not had_boxes or len(out_t["boxes"]) > 0:
+                    break
+                out_img, out_t = fb(image, target)
+                stage = stage_no
+        out_t = dict(out_t)
+        out_t["orig_size"] = torch.tensor([h, w], dtype=torch.int64)
+        out_t["name"] = self.names[index]
+        out_t["fallback"] = stage
+        return out_img, out_t

@@ -1,0 +1,165 @@
+"""Checksum manifest and committed train/val split of the vendored Penn-Fudan dataset.
+
+`verify_dataset(root, manifest)` is the cheap start-up check (names + sizes); pass ``full=True``
+for sha256. Regenerate the committed JSONs (only when the dataset itself changes) with::
+
+    python -m ssd_lightning.data.manifest --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_ROOT = REPO_ROOT / "data" / "PennFudanPed"
+DEFAULT_MANIFEST = REPO_ROOT / "data" / "pennfudan_manifest.json"
+DEFAULT_SPLIT = REPO_ROOT / "data" / "pennfudan_split.json"
+IMAGE_DIR, MASK_DIR = "PNGImages", "PedMasks"
+SPLIT_SEED, SPLIT_VAL_SIZE = 20240601, 50
+
+_FIX = (
+    "Restore the dataset with `git checkout -- data/PennFudanPed` (vendored copy), or set "
+    "data.download=true to fetch the official archive into data.root."
+)
+
+
+class DatasetIntegrityError(RuntimeError):
+    """The dataset on disk does not match the committed manifest or split."""
+
+
+def mask_name(image_name: str) -> str:
+    """`FudanPed00001.png` -> `FudanPed00001_mask.png` (the Penn-Fudan naming rule)."""
+    return image_name[: -len(".png")] + "_mask.png"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def list_image_names(root: str | Path) -> list[str]:
+    """Sorted file names of the images under `root/PNGImages`."""
+    return sorted(p.name for p in (Path(root) / IMAGE_DIR).glob("*.png"))
+
+
+def build_manifest(root: str | Path) -> dict:
+    """Manifest of every file the code reads: images and masks (path relative to root)."""
+    root = Path(root)
+    files = []
+    for name in list_image_names(root):
+        for rel in (f"{IMAGE_DIR}/{name}", f"{MASK_DIR}/{mask_name(name)}"):
+            p = root / rel
+            files.append({"path": rel, "size": p.stat().st_size, "sha256": _sha256(p)})
+    return {"dataset": "PennFudanPed", "num_images": len(files) // 2, "files": files}
+
+
+def load_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetIntegrityError(
+            f"{path} not found. It is committed with the repository; regenerate it with "
+            "`python -m ssd_lightning.data.manifest --write` only if the dataset changed."
+        )
+    return json.loads(path.read_text())
+
+
+def verify_dataset(
+    root: str | Path, manifest: str | Path | dict = DEFAULT_MANIFEST, full: bool = False
+) -> int:
+    """Check that every manifest file exists with its size (and sha256 if `full`).
+
+    Returns the number of files checked; raises DatasetIntegrityError naming every bad file.
+    """
+    root = Path(root)
+    man = manifest if isinstance(manifest, dict) else load_json(manifest)
+    if not root.is_dir():
+        raise DatasetIntegrityError(
+            f"dataset root {root} does not exist (config key data.root). {_FIX}"
+        )
+    problems = []
+    for entry in man["files"]:
+        p = root / entry["path"]
+        if not p.is_file():
+            problems.append(f"missing: {p}")
+        elif p.stat().st_size != entry["size"]:
+            problems.append(
+                f"changed size: {p} ({p.stat().st_size} bytes, expected {entry['size']})"
+            )
+        elif full and _sha256(p) != entry["sha256"]:
+            problems.append(f"changed content (sha256 mismatch): {p}")
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (
+            f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        )
+        raise DatasetIntegrityError(
+            f"Penn-Fudan dataset at {root} does not match the manifest "
+            f"({len(problems)} problem(s)):\n  {shown}\n{_FIX}"
+        )
+    return len(man["files"])
+
+
+def build_split(
+    names: Sequence[str], seed: int = SPLIT_SEED, val_size: int = SPLIT_VAL_SIZE
+) -> dict:
+    """A seeded permutation of all names; the first `val_size` are validation, the rest train."""
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    return {
+        "seed": seed,
+        "val_size": val_size,
+        "note": "order is the seeded permutation; val = order[:val_size], train = the rest. "
+        "A different data.val_size takes order[:val_size] as validation.",
+        "val": sorted(order[:val_size]),
+        "train": sorted(order[val_size:]),
+        "order": order,
+    }
+
+
+def split_names(
+    split: str | Path | dict, val_size: int | None = None
+) -> tuple[list[str], list[str]]:
+    """(train, val) name lists from the committed split. `val_size` None = the committed 50;
+    otherwise the first `val_size` names of the committed seeded order (0 = everything trains)."""
+    s = split if isinstance(split, dict) else load_json(split)
+    order = list(s["order"])
+    k = s["val_size"] if val_size is None else int(val_size)
+    if not 0 <= k < len(order):
+        raise ValueError(f"data.val_size must be in [0, {len(order) - 1}], got {val_size}")
+    if k == s["val_size"] and sorted(order[:k]) != sorted(s["val"]):
+        raise DatasetIntegrityError(
+            "split file is inconsistent: 'val' differs from order[:val_size]"
+        )
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    ap.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
+    ap.add_argument("--split", type=Path, default=DEFAULT_SPLIT)
+    ap.add_argument("--write", action="store_true", help="(re)write manifest and split JSONs")
+    ap.add_argument("--full", action="store_true", help="verify sha256 too")
+    ap.add_argument("--seed", type=int, default=SPLIT_SEED)
+    args = ap.parse_args(argv)
+    if args.write:
+        _write_json(args.manifest, build_manifest(args.root))
+        _write_json(args.split, build_split(list_image_names(args.root), seed=args.seed))
+        print(f"wrote {args.manifest} and {args.split}")
+    n = verify_dataset(args.root, args.manifest, full=args.full)
+    print(f"{n} files OK ({'sha256' if args.full else 'names + sizes'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""torchvision.transforms.v2 pipelines built from plain config dicts (conf/augmentation/*.yaml).
+
+Every pipeline maps ``(Image uint8 (3,H,W), {"boxes": BoundingBoxes XYXY in input pixels,
+"labels": (G,) int64[, "masks"]})`` to ``(Image float32 (3,S,S) in [0,1], target)`` with boxes
+XYXY in network-input pixels [0,S] (continuous pixel edges, see dataset.py). Crops and photometric
+work run on uint8; the conversion to float is the last step. Randomness comes from torch's global
+generator, so ``torch.manual_seed`` reproduces a draw.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.ops import box_iou
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+from torchvision.transforms.v2._utils import get_bounding_boxes, query_size
+
+# The `safe_crop` preset (conf/augmentation/safe_crop.yaml mirrors it).
+DEFAULT_AUGMENTATION: dict[str, Any] = {
+    "name": "safe_crop",
+    "photometric": {  # v2.RandomPhotometricDistort kwargs; null = off
+        "brightness": [0.875, 1.125],
+        "contrast": [0.5, 1.5],
+        "saturation": [0.5, 1.5],
+        "hue": [-0.05, 0.05],
+        "p": 0.5,
+    },
+    "crop": {  # null = no crop step
+        "type": "safe_choice",  # safe_choice | iou_crop
+        "choice_p": [0.5, 0.3, 0.2],  # SafeBoxCenteredCrop, RandomResizedCrop, Identity
+        "safe_box": {
+            "area_power": 1.0,
+            "context": [1.2, 3.0],
+            "min_area_frac": 0.1,
+            "max_area_frac": 1.0,
+            "aspect": [0.5, 2.0],
+            "min_visibility": 0.9,
+            "keep_visibility": 0.5,
+            "max_tries": 50,
+            "min_crop_size": 8,
+        },
+        "resized_crop": {"scale": [0.3, 1.0], "ratio": [0.5, 2.0]},
+    },
+    # Photometric work (hue above all) costs ~linear in pixels: run it on the (S,S) resized image
+    # instead of the full-size one (~2x faster per sample). Brightness/saturation/hue are
+    # per-pixel, so this commutes with crop/flip and, up to interpolation, with the resize; only
+    # contrast's reference mean becomes the crop's mean. false = the issue's literal order.
+    "photometric_after_resize": True,
+    "hflip_p": 0.5,
+    "antialias": True,
+    "sanitize": {"min_size": 1.0, "min_area": 1.0},
+    "fallback": True,
+}
+
+
+class SafeBoxCenteredCrop(v2.Transform):
+    """Object-centric crop that keeps a chosen GT box (the original design's replacement for
+    RandomIoUCrop, which spins or yields background-only crops on small, tall pedestrians).
+
+    Per attempt: pick a target box with weight ∝ area**area_power; crop size = s·(box w, box h)
+    with s ~ U(context), clipped to the image; position uniform among those containing the target
+    (or, for s < 1, inside it). Accept if crop area / image area ∈ [min_area_frac, max_area_frac],
+    crop w/h ∈ aspect, both sides ≥ min_crop_size and target visibility ≥ min_visibility. Other
+    boxes stay if their visibility (share inside the crop) ≥ keep_visibility; dropped boxes are set
+    to all-zero, so a later ``SanitizeBoundingBoxes`` removes them with their labels and masks.
+    All ``max_tries`` attempts are drawn in one batch and the first valid one is used (same result
+    as trying them in turn, bounded time); ``make_params`` reports it as ``tries``. No valid
+    attempt (or no boxes) -> the input is returned unchanged. Boxes are clipped to the crop.
+    """
+
+    def __init__(
+        self,
+        area_power: float = 1.0,
+        context: tuple[float, float] = (1.2, 3.0),
+        min_area_frac: float = 0.1,
+        max_area_frac: float = 1.0,
+        aspect: tuple[float, float] = (0.5, 2.0),
+        min_visibility: float = 0.9,
+        keep_visibility: float = 0.5,
+        max_tries: int = 50,
+        min_crop_size: int = 8,
+    ) -> None:
+        super().__init__()
+        if not (0 < context[0] <= context[1]):
+            raise ValueError(f"context must be 0 < low <= high, got {context}")
+        if not (0 <= min_area_frac <= max_area_frac) or not (0 < aspect[0] <= aspect[1]):
+            raise ValueError(
+                "need 0 <= min_area_frac <= max_area_frac and 0 < aspect[0] <= aspect[1]"
+            )
+        if max_tries < 1:
+            raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+        self.area_power = float(area_power)
+        self.context = (float(context[0]), float(context[1]))
+        self.min_area_frac, self.max_area_frac = float(min_area_frac), float(max_area_frac)
+        self.aspect = (float(aspect[0]), float(aspect[1]))
+        self.min_visibility, self.keep_visibility = float(min_visibility), float(keep_visibility)
+        self.max_tries, self.min_crop_size = int(max_tries), int(min_crop_size)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        h, w = query_size(flat_inputs)
+        try:
+            bboxes = get_bounding_boxes(flat_inputs)
+        except ValueError:  # an image without boxes: nothing to centre on
+            return {"accepted": False, "tries": 0}
+        boxes = F.convert_bounding_box_format(
+            bboxes.as_subclass(Tensor), bboxes.format, tv_tensors.BoundingBoxFormat.XYXY
+        ).float()  # (G,4) xyxy pixels
+        g, t = len(boxes), self.max_tries
+        if g == 0 or min(h, w) < self.min_crop_size:
+            return {"accepted": False, "tries": 0}
+        bw = (boxes[:, 2] - boxes[:, 0]).clamp(min=0)
+        bh = (boxes[:, 3] - boxes[:, 1]).clamp(min=0)
+        area = bw * bh  # (G,)
+        weights = area.pow(self.area_power) if area.sum() > 0 else torch.ones(g)
+        if not torch.isfinite(weights).all() or weights.sum() <= 0:
+            weights = torch.ones(g)
+        idx = torch.multinomial(weights, t, replacement=True)  # (T,) target per attempt
+        u = torch.rand(t, 3)
+        s = self.context[0] + (self.context[1] - self.context[0]) * u[:, 0]
+        tb = boxes[idx]  # (T,4)
+        cw = (s * bw[idx]).round().clamp(1, w)
+        ch = (s * bh[idx]).round().clamp(1, h)
+
+        def position(b1: Tensor, b2: Tensor, size: Tensor, limit: int, r: Tensor):
+            # crop start so the crop contains the target (or lies inside it when smaller)
+            lo = torch.minimum(b1, b2 - size).clamp(min=0).ceil()
+            hi = torch.minimum(torch.maximum(b1, b2 - size), limit - size).floor()
+            start = (lo + (r * (hi - lo + 1)).floor()).clamp(max=hi)
+            return start, hi >= lo
+
+        left, okx = position(tb[:, 0], tb[:, 2], cw, w, u[:, 1])
+        top, oky = position(tb[:, 1], tb[:, 3], ch, h, u[:, 2])
+        crops = torch.stack([left, top, left + cw, top + ch], dim=1)  # (T,4) xyxy
+        iw = (
+            torch.minimum(crops[:, None, 2], boxes[None, :, 2])
+            - torch.maximum(crops[:, None, 0], boxes[None, :, 0])
+        ).clamp(min=0)
+        ih = (
+            torch.minimum(crops[:, None, 3], boxes[None, :, 3])
+            - torch.maximum(crops[:, None, 1], boxes[None, :, 1])
+        ).clamp(min=0)
+        vis = (iw * ih) / area.clamp(min=1e-12)  # (T,G) share of each box inside each crop
+        vis = torch.where(area > 0, vis, torch.zeros_like(vis))
+        frac = cw * ch / (h * w)
+        ar = cw / ch
+        valid = (
+            okx
+            & oky
+            & (frac >= self.min_area_frac)
+            & (frac <= self.max_area_frac)
+            & (ar >= self.aspect[0])
+            & (ar <= self.aspect[1])
+            & (cw >= self.min_crop_size)
+            & (ch >= self.min_crop_size)
+            & (vis.gather(1, idx[:, None])[:, 0] >= self.min_visibility)
+        )
+        if not bool(valid.any()):
+            return {"accepted": False, "tries": t}
+        k = int(valid.int().argmax())
+        keep = vis[k] >= self.keep_visibility
+        keep[idx[k]] = True
+        return {
+            "accepted": True,
+            "tries": k + 1,
+            "target": int(idx[k]),
+            "keep": keep,
+            "top": int(top[k]),
+            "left": int(left[k]),
+            "height": int(ch[k]),
+            "width": int(cw[k]),
+        }
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not params["accepted"]:
+            return inpt
+        box = (params["top"], params["left"], params["height"], params["width"])
+        if isinstance(inpt, tv_tensors.BoundingBoxes):
+            out = F.crop(inpt, *box)  # translated and clamped to the crop
+            return tv_tensors.wrap(out.masked_fill(~params["keep"][:, None], 0), like=out)
+        return self._call_kernel(F.crop, inpt, *box)
+
+
+class BoundedRandomIoUCrop(v2.RandomIoUCrop):
+    """torchvision's RandomIoUCrop with its outer `while True` bounded by `max_rounds` (after
+    which: no crop). Kept for the `iou_crop` preset, to show why the design moved away from it;
+    the sampling is the parent's, round for round."""
+
+    def __init__(self, *args: Any, max_rounds: int = 10, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_rounds = int(max_rounds)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        orig_h, orig_w = query_size(flat_inputs)
+        bboxes = get_bounding_boxes(flat_inputs)
+        xyxy = F.convert_bounding_box_format(
+            bboxes.as_subclass(Tensor), bboxes.format, tv_tensors.BoundingBoxFormat.XYXY
+        )
+        cx, cy = (xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2
+        for _ in range(self.max_rounds):
+            min_iou = self.options[int(torch.randint(0, len(self.options), (1,)))]
+            if min_iou >= 1.0:
+                return {}
+            for _ in range(self.trials):
+                r = self.min_scale + (self.max_scale - self.min_scale) * torch.rand(2)
+                new_w, new_h = int(orig_w * r[0]), int(orig_h * r[1])
+                if (
+                    new_h == 0
+                    or not self.min_aspect_ratio <= new_w / new_h <= self.max_aspect_ratio
+                ):
+                    continue
+                r = torch.rand(2)
+                left, top = int((orig_w - new_w) * r[0]), int((orig_h - new_h) * r[1])
+                right, bottom = left + new_w, top + new_h
+                if left == right or top == bottom:
+                    continue
+                within = (left < cx) & (cx < right) & (top < cy) & (cy < bottom)
+                if not within.any():
+                    continue
+                crop = torch.tensor([[left, top, right, bottom]], dtype=xyxy.dtype)
+                if box_iou(xyxy[within], crop).max() < min_iou:
+                    continue
+                return {
+                    "top": top,
+                    "left": left,
+                    "height": new_h,
+                    "width": new_w,
+                    "is_within_crop_area": within,
+                }
+        return {}
+
+
+class ResizeKeepLargest:
+    """Fallback stage 2: the resize-only path keeping only the largest original box, widened to
+    at least 1 px after the resize so the sample is never empty. Output as the train pipeline."""
+
+    def __init__(self, image_size: int, antialias: bool = True) -> None:
+        self.size = (int(image_size), int(image_size))
+        self.antialias = antialias
+
+    def __call__(self, image: tv_tensors.Image, target: dict) -> tuple[tv_tensors.Image, dict]:
+        boxes = target["boxes"]
+        xyxy = F.convert_bounding_box_format(boxes.as_subclass(Tensor), boxes.format, "XYXY")
+        k = int(((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1])).argmax())
+        out = F.resize(
+            tv_tensors.BoundingBoxes(
+                xyxy[k : k + 1].float(), format="XYXY", canvas_size=boxes.canvas_size
+            ),
+            list(self.size),
+        )
+        b = out.as_subclass(Tensor).clone()
+        s = float(self.size[0])
+        for lo, hi in ((0, 2), (1, 3)):  # widen sub-pixel boxes to 1 px, inside [0, S]
+            c = ((b[:, lo] + b[:, hi]) / 2).clamp(0.5, s - 0.5)
+            small = (b[:, hi] - b[:, lo]) < 1
+            b[:, lo] = torch.where(small, c - 0.5, b[:, lo])
+            b[:, hi] = torch.where(small, c + 0.5, b[:, hi])
+        new = {k2: v for k2, v in target.items() if k2 not in ("boxes", "labels", "masks")}
+        new["boxes"] = tv_tensors.BoundingBoxes(b, format="XYXY", canvas_size=self.size)
+        new["labels"] = target["labels"][k : k + 1]
+        if "masks" in target:
+            new["masks"] = F.resize(target["masks"][k : k + 1], list(self.size))
+        img = F.resize(image, list(self.size), antialias=self.antialias)
+        return F.to_dtype(img, torch.float32, scale=True), new
+
+
+def _merged(cfg: Mapping | None) -> dict[str, Any]:
+    return copy.deepcopy(DEFAULT_AUGMENTATION) if cfg is None else _to_plain(cfg)
+
+
+def _to_plain(cfg: Any) -> Any:
+    if isinstance(cfg, Mapping):
+        return {str(k): _to_plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, list | tuple) or type(cfg).__name__ == "ListConfig":
+        return [_to_plain(v) for v in cfg]
+    return cfg
+
+
+def _tuple(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _kwargs(d: Mapping | None) -> dict[str, Any]:
+    return {k: _tuple(v) for k, v in (d or {}).items()}
+
+
+_CROP_TYPES = ("safe_choice", "iou_crop")
+
+
+def build_crop(crop: Mapping, image_size: int = 300) -> list[v2.Transform]:
+    """The crop step(s) of a preset (`crop` section of an augmentation config). RandomResizedCrop
+    outputs (S,S) directly, so the following Resize is a no-op for it."""
+    kind = crop.get("type", "safe_choice")
+    if kind == "safe_choice":
+        return [
+            v2.RandomChoice(
+                [
+                    SafeBoxCenteredCrop(**_kwargs(crop.get("safe_box"))),
+                    v2.RandomResizedCrop(
+                        size=(image_size, image_size), **_kwargs(crop.get("resized_crop"))
+                    ),
+                    v2.Identity(),
+                ],
+                p=list(crop.get("choice_p", [0.5, 0.3, 0.2])),
+            )
+        ]
+    if kind == "iou_crop":
+        steps: list[v2.Transform] = []
+        if crop.get("zoom_out"):
+            steps.append(v2.RandomZoomOut(**_kwargs(crop["zoom_out"])))
+        steps.append(BoundedRandomIoUCrop(**_kwargs(crop.get("iou_crop"))))
+        return steps
+    raise ValueError(f"augmentation.crop.type must be one of {_CROP_TYPES}, got {kind!r}")
+
+
+def build_train_transform(
+    cfg: Mapping | None, image_size: int = 300, with_crop: bool = True
+) -> v2.Compose:
+    """ToImage → PhotometricDistort → crop step → HorizontalFlip → Resize(S,S) → Sanitize → ToDtype
+    (PhotometricDistort right after Resize if `photometric_after_resize`, see the preset).
+
+    Sections that are null/0 in `cfg` are left out; `with_crop=False` is fallback stage 1.
+    """
+    c = _merged(cfg)
+    steps: list[Any] = [v2.ToImage()]
+    photometric = []
+    if c.get("photometric"):
+        photometric = [v2.RandomPhotometricDistort(**_kwargs(c["photometric"]))]
+    after = bool(c.get("photometric_after_resize", False))
+    if not after:
+        steps += photometric
+    if with_crop and c.get("crop"):
+        steps += build_crop(c["crop"], image_size)
+    if c.get("hflip_p", 0):
+        steps.append(v2.RandomHorizontalFlip(p=float(c["hflip_p"])))
+    steps.append(v2.Resize((image_size, image_size), antialias=c.get("antialias", True)))
+    if after:
+        steps += photometric
+    steps.append(v2.SanitizeBoundingBoxes(**_kwargs(c.get("sanitize"))))  # labels travel along
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    return v2.Compose(steps)
+
+
+def build_eval_transform(image_size: int = 300, antialias: bool = True) -> v2.Compose:
+    """Validation / prediction: ToImage → Resize(S,S) → ToDtype (no sanitize: GT kept as is)."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((image_size, image_size), antialias=antialias),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+
+
+def build_fallbacks(cfg: Mapping | None, image_size: int = 300) -> list:
+    """Empty-box fallback stages: [pipeline without the crop step, resize-only keeping the largest
+    box]; empty if the preset disables `fallback`."""
+    c = _merged(cfg)
+    if not c.get("fallback", True):
+        return []
+    return [
+        build_train_transform(c, image_size, with_crop=False),
+        ResizeKeepLargest(image_size, antialias=c.get("antialias", True)),
+    ]
+
+
+__all__ = [
+    "DEFAULT_AUGMENTATION",
+    "BoundedRandomIoUCrop",
+    "ResizeKeepLargest",
+    "SafeBoxCenteredCrop",
+    "build_crop",
+    "build_eval_transform",
+    "build_fallbacks",
+    "build_train_transform",
+]

@@ -1,0 +1,67 @@
+"""Batched postprocess equals a per-image torchvision NMS loop."""
+
+import torch
+from torchvision.ops import box_convert, nms
+
+from ssd_lightning.core.box_coding import decode
+from ssd_lightning.core.postprocess import postprocess
+
+from _synthetic import anchors_300
+
+ANCHORS_CXCYWH, _ = anchors_300()
+N = ANCHORS_CXCYWH.shape[0]
+
+
+def _reference(loc, logits, sizes, thr, iou, k):
+    out = []
+    for b in range(loc.shape[0]):
+        scores = logits[b].softmax(-1)[:, 1]
+        keep = scores > thr
+        boxes = box_convert(decode(loc[b][keep], ANCHORS_CXCYWH[keep]), "cxcywh", "xyxy")
+        h, w = sizes[b].tolist()
+        boxes = boxes.clamp(0, 1) * torch.tensor([w, h, w, h])
+        sel = nms(boxes, scores[keep], iou)[:k]
+        out.append((boxes[sel], scores[keep][sel]))
+    return out
+
+
+def test_equals_per_image_torchvision_nms():
+    gen = torch.Generator().manual_seed(0)
+    B = 4
+    loc = torch.randn(B, N, 4, generator=gen) * 0.5
+    logits = torch.randn(B, N, 2, generator=gen) * 2
+    logits[2, :, 1] = -20  # an image with no detection at all
+    sizes = torch.tensor([[300, 400], [536, 559], [200, 200], [1000, 700]])
+    ours = postprocess(loc, logits, ANCHORS_CXCYWH, sizes, 0.5, 0.45, 20, pre_nms_top_k=None)
+    ref = _reference(loc, logits, sizes, 0.5, 0.45, 20)
+    assert len(ours[2]["boxes"]) == 0
+    for o, (boxes, scores) in zip(ours, ref, strict=True):
+        torch.testing.assert_close(o["boxes"], boxes)
+        torch.testing.assert_close(o["scores"], scores)
+        assert (o["labels"] == 1).all()
+        assert len(o["boxes"]) <= 20
+
+
+def test_evaluation_thresholds_and_pre_nms_limit():
+    gen = torch.Generator().manual_seed(1)
+    loc = torch.randn(2, N, 4, generator=gen) * 0.5
+    logits = torch.randn(2, N, 2, generator=gen)
+    sizes = torch.tensor([[300, 300], [300, 300]])
+    full = postprocess(loc, logits, ANCHORS_CXCYWH, sizes, 0.01, 0.45, 100, pre_nms_top_k=None)
+    ref = _reference(loc, logits, sizes, 0.01, 0.45, 100)
+    for o, (boxes, _) in zip(full, ref, strict=True):
+        torch.testing.assert_close(o["boxes"], boxes)
+        assert len(o["boxes"]) == 100
+    limited = postprocess(loc, logits, ANCHORS_CXCYWH, sizes, 0.01, 0.45, 100, pre_nms_top_k=400)
+    for o in limited:
+        assert 0 < len(o["boxes"]) <= 100
+        assert (o["scores"][:-1] >= o["scores"][1:]).all()
+
+
+def test_multiclass_labels_are_foreground_classes():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(1, N, 3, generator=gen) * 3
+    out = postprocess(
+        torch.zeros(1, N, 4), logits, ANCHORS_CXCYWH, torch.tensor([[300, 300]]), 0.5, 0.45, 50
+    )
+    assert set(out[0]["labels"].tolist()) <= {1, 2} and len(out[0]["labels"]) > 0
