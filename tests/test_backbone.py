@@ -1,4 +1,4 @@
-"""Backbone weights: local file, ImageNet cache, offline fallback; export/load of the whole model."""
+"""Backbone weights (local file, ImageNet cache, offline fallback) and model export/load."""
 
 import time
 

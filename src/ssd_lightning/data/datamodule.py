@@ -20,6 +20,13 @@ from torch.utils.data import DataLoader
 from ssd_lightning.data.collate import collate_fn
 from ssd_lightning.data.dataset import PennFudanDataset
 from ssd_lightning.data.download import URL, download_pennfudan
+from ssd_lightning.data.gpu_augment import (
+    GpuAugmenter,
+    PlanBatch,
+    build_plan_dataset,
+    gpu_augment_enabled,
+    plan_collate,
+)
 from ssd_lightning.data.manifest import (
     DEFAULT_MANIFEST,
     DEFAULT_ROOT,
@@ -54,6 +61,9 @@ class PennFudanDataModule(L.LightningDataModule):
     seeded order (`order`), so a smaller set is a subset of the committed 50.
     verify: quick (names + sizes) | full (sha256) | none. download: fetch the official archive
     into `root` if it is missing (offline this fails within `download_timeout` seconds).
+    gpu_augment: true | false | auto (= on when training on a GPU): the training loader yields
+    only boxes and drawn augmentation parameters, and `on_after_batch_transfer` does the pixel
+    work batched on the device (see gpu_augment.py). The CPU path is the reference.
     """
 
     def __init__(
@@ -76,6 +86,7 @@ class PennFudanDataModule(L.LightningDataModule):
         download_timeout: float = 5.0,
         preload: bool = True,
         drop_last: bool = False,
+        gpu_augment: bool | str = "auto",
     ) -> None:
         super().__init__()
         if verify not in _VERIFY:
@@ -92,6 +103,9 @@ class PennFudanDataModule(L.LightningDataModule):
         self.download_url, self.download_sha256 = download_url, download_sha256
         self.download_timeout = float(download_timeout)
         self.preload, self.drop_last = bool(preload), bool(drop_last)
+        gpu_augment_enabled(gpu_augment, False)  # a bad value fails at start-up
+        self.gpu_augment = gpu_augment
+        self.gpu_augmenter: GpuAugmenter | None = None
         self._verified = False
         self.train_set: PennFudanDataset | None = None
         self.val_set: PennFudanDataset | None = None
@@ -145,8 +159,11 @@ class PennFudanDataModule(L.LightningDataModule):
                 self.val_set.preload()
 
     # -- loaders ------------------------------------------------------------------------------
-    def _loader(self, ds: PennFudanDataset, train: bool) -> DataLoader:
+    def _loader(self, ds: PennFudanDataset, train: bool, collate=collate_fn) -> DataLoader:
         workers = self.num_workers
+        # distinct augmentation streams per DDP rank
+        seed = None if self.seed is None else self.seed + (self.trainer.global_rank
+                                                           if self.trainer is not None else 0)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
@@ -155,16 +172,28 @@ class PennFudanDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and workers > 0,
-            collate_fn=collate_fn,
+            collate_fn=collate,
             worker_init_fn=seed_worker,
             # seeds the shuffle order and each epoch's worker base seed, so runs reproduce
             # (seed null: torch's global generator, i.e. seed_everything)
-            generator=None if self.seed is None else torch.Generator().manual_seed(self.seed),
+            generator=None if seed is None else torch.Generator().manual_seed(seed),
         )
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        if gpu_augment_enabled(self.gpu_augment, on_gpu):
+            plans = build_plan_dataset(self.root, self.train_set.names, self.augmentation,
+                                       self.image_size)
+            self.gpu_augmenter = GpuAugmenter(plans)
+            return self._loader(plans, train=True, collate=plan_collate)
         return self._loader(self.train_set, train=True)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # GPU data path: the batch arrives as boxes + drawn parameters; make the pixels here
+        if isinstance(batch, PlanBatch):
+            return self.gpu_augmenter(batch)
+        return batch
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")

@@ -1,0 +1,78 @@
+"""Shared fixtures: compose the Hydra configs in-process, run the CLIs, and one tiny trained run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict, read_write
+
+from ssd_lightning.config import config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A CPU run in seconds: 128 px input, 2-image batches, 2 train and 1 val batch per epoch.
+TINY = {
+    "model.net.weights": "none",
+    "model.net.image_size": "128",
+    "data.batch_size": "2",
+    "data.num_workers": "0",
+    "trainer.accelerator": "cpu",
+    "trainer.max_epochs": "1",
+    "trainer.limit_train_batches": "2",
+    "trainer.limit_val_batches": "1",
+    "trainer.num_sanity_val_steps": "0",
+    "trainer.enable_progress_bar": "false",
+    "callbacks.prediction_images.every_n_epochs": "1",
+    "callbacks.prediction_images.max_images": "2",
+}
+
+
+def tiny(*extra: str, **changes: Any) -> list[str]:
+    """TINY as override strings; ``changes`` (dots as __) replace entries, ``extra`` is appended."""
+    values = dict(TINY)
+    values.update({k.replace("__", "."): str(v) for k, v in changes.items()})
+    return [f"{k}={v}" for k, v in values.items()] + list(extra)
+
+
+def make_cfg(overrides: Sequence[str], output_dir: Path, config_name: str = "train") -> DictConfig:
+    """Compose like ``@hydra.main`` would (HydraConfig set, so runtime choices are known)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="test"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]  # as hydra.main does before calling the task
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    return lambda overrides=(), name="train": make_cfg(overrides, tmp_path / "run", name)
+
+
+def run_cli(module: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` from the repo root, output captured."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSD_LIGHTNING_")}
+    env["PYTHONWARNINGS"] = "ignore"
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A 2-epoch tiny training run (in-process), shared by the train / CLI / TensorBoard tests."""
+    from ssd_lightning.train import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    metrics = train(make_cfg(tiny(trainer__max_epochs=2), out))
+    return {"dir": out, "metrics": metrics}

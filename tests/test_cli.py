@@ -1,0 +1,103 @@
+"""The command-line tools end to end: evaluate, predict (any photo), and clean config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+from PIL import Image
+
+from ssd_lightning.predict import InputError, predict, read_rgb
+
+PED = ROOT / "data" / "PennFudanPed" / "PNGImages" / "FudanPed00001.png"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of awkward inputs made from a real Penn-Fudan image."""
+    d = tmp_path_factory.mktemp("photos")
+    im = Image.open(PED)
+    im.convert("L").save(d / "gray.png")
+    rgba = im.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(d / "rgba.png")
+    im.resize((1001, 333)).save(d / "wide.JPG", quality=85)  # odd size, upper-case suffix
+    Image.fromarray(np.asarray(im.convert("L"), dtype=np.uint16) * 257).save(d / "deep16.png")
+    im.convert("P").save(d / "palette.gif")
+    (d / "readme.txt").write_text("not an image")
+    return d
+
+
+def test_read_rgb_any_mode(photos: Path) -> None:
+    for name in ["gray.png", "rgba.png", "wide.JPG", "deep16.png", "palette.gif"]:
+        img = read_rgb(photos / name)
+        assert img.shape[0] == 3 and img.dtype.is_floating_point is False
+    assert read_rgb(photos / "wide.JPG").shape[1:] == (333, 1001)
+    assert read_rgb(photos / "deep16.png").float().mean() > 20  # scaled down, not clipped to 255
+
+
+@pytest.mark.parametrize("model_file", ["ssd_resnet34_pennfudan_best.pt", "checkpoints/last.ckpt"])
+def test_predict_folder(tiny_run: dict, photos: Path, tmp_path: Path, model_file: str) -> None:
+    result = predict(tiny_run["dir"] / model_file, photos, tmp_path, score_threshold=0.0)
+    assert result["thresholds"] == {"score_threshold": 0.0, "nms_threshold": 0.45, "top_k": 20}
+    assert len(result["images"]) == 5  # readme.txt is not an image
+    saved = json.loads((tmp_path / "detections.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    for rec in result["images"]:
+        h, w = rec["height"], rec["width"]
+        assert len(rec["detections"]) == 20  # score 0: top_k boxes survive
+        for det in rec["detections"]:
+            x1, y1, x2, y2 = det["box_xyxy"]
+            assert 0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h  # original image pixels
+            assert det["class"] == "pedestrian"
+        with Image.open(rec["output"]) as drawn:
+            assert drawn.size == (w, h) and drawn.mode == "RGB"
+
+
+def test_predict_errors_name_the_input(tiny_run: dict, photos: Path, tmp_path: Path) -> None:
+    model = tiny_run["dir"] / "ssd_resnet34_pennfudan_best.pt"
+    with pytest.raises(InputError, match="nowhere.jpg"):
+        predict(model, tmp_path / "nowhere.jpg", tmp_path / "out")
+    with pytest.raises(InputError, match=r"readme\.txt"):
+        predict(model, photos / "readme.txt", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        predict(tmp_path / "missing.pt", photos, tmp_path / "out")
+
+
+def test_predict_cli(tiny_run: dict, photos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pred"
+    r = run_cli("ssd_lightning.predict", f"ckpt_path={tiny_run['dir'] / 'checkpoints/last.ckpt'}",
+                f"input={photos / 'gray.png'}", f"hydra.run.dir={out}", "top_k=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((out / "detections.json").read_text())
+    assert len(result["images"]) == 1 and result["thresholds"]["top_k"] == 3
+    assert (out / "gray_pred.png").is_file()
+    r = run_cli("ssd_lightning.predict", f"ckpt_path={tiny_run['dir'] / 'checkpoints/last.ckpt'}",
+                f"input={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'p2'}")
+    assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_evaluate_cli(tiny_run: dict, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    r = run_cli("ssd_lightning.evaluate", f"ckpt_path={tiny_run['dir'] / 'checkpoints/last.ckpt'}",
+                "data.val_size=4", "data.batch_size=4", "data.num_workers=0", "data.preload=false",
+                "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+                f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "AP   @[IoU=0.50      | area=   all | maxDets=100]" in r.stdout
+    metrics = json.loads((out / "eval_metrics.json").read_text())
+    for key in ["map", "map_50", "map_75", "mar_100", "val/loss"]:
+        assert -1 <= metrics[key] <= 1 or key == "val/loss"
+    assert metrics["num_images"] == 4 and metrics["image_size"] == 128
+
+
+def test_train_cli_config_error_is_clean(tmp_path: Path) -> None:
+    r = run_cli("ssd_lightning.train", "anchors.ratios=[0.5,-1.0]", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2
+    assert "anchors.ratios" in r.stderr and "> 0" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("ssd_lightning.train", "anchors=nope", f"hydra.run.dir={tmp_path}")
+    assert r.returncode != 0 and "tall_skinny" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,151 @@
+"""Every option of every config group composes and instantiates; bad configs fail early, clearly."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, make_cfg
+from hydra.errors import MissingConfigException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from ssd_lightning.config import ConfigError, config_dir, validate_config
+from ssd_lightning.train import build_callbacks, build_loggers, build_module
+
+CONF = ROOT / "conf"
+GROUPS = ["data", "augmentation", "anchors", "model", "optimizer", "scheduler", "trainer",
+          "logger", "callbacks", "paths", "hydra", "experiment", "debug"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+HAS_CUDA = torch.cuda.is_available()
+
+
+def test_every_group_has_options() -> None:
+    assert {g for g, _ in OPTIONS} == set(GROUPS)
+    assert config_dir() == CONF
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Path) -> None:
+    small = ["model.net.image_size=128"] if group in ("anchors", "model") else []
+    cfg = make_cfg([f"{group}={option}", "model.net.weights=none", "data.num_workers=0",
+                    "data.preload=false", *small], tmp_path / "run")
+    validate_config(cfg)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    if group in ("data", "augmentation"):
+        dm = instantiate(cfg.data)
+        dm.setup("fit")
+        image, target = dm.train_set[0]
+        assert image.shape == (3, 300, 300) and len(target["boxes"]) >= 1
+    elif group in ("anchors", "model"):
+        module = build_module(cfg)
+        with torch.no_grad():
+            loc, logits = module.net.eval()(torch.rand(1, 3, 128, 128))
+        assert loc.shape[1] == logits.shape[1] == module.net.num_anchors
+    elif group in ("optimizer", "scheduler"):
+        module = build_module(cfg)
+        trainer = instantiate(cfg.trainer, accelerator="cpu", logger=False)
+        module.trainer = trainer
+        trainer.fit_loop.max_epochs = 2
+        opt = module.configure_optimizers()
+        assert isinstance(opt if isinstance(opt, torch.optim.Optimizer) else opt["optimizer"],
+                          torch.optim.Optimizer)
+    elif group in ("logger", "callbacks"):
+        loggers = build_loggers(cfg)
+        callbacks = build_callbacks(cfg, has_logger=bool(loggers))
+        assert option == "none" or loggers or callbacks
+    elif group == "paths":
+        assert Path(cfg.paths.root_dir) == ROOT
+        assert (Path(cfg.paths.data_dir) / "PennFudanPed").is_dir()
+    else:  # trainer, experiment, debug, hydra: the Trainer builds (GPU ones need a GPU)
+        if cfg.trainer.accelerator == "gpu" and not HAS_CUDA:
+            strategy = cfg.trainer.get("strategy")
+            if isinstance(strategy, dict | type(cfg.trainer)) and "_target_" in strategy:
+                instantiate(strategy)
+            return
+        instantiate(cfg.trainer, logger=False)
+
+
+def test_slurm_launcher_config(tmp_path: Path) -> None:
+    try:
+        plugin = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher")
+    except ModuleNotFoundError:
+        plugin = None
+    if plugin is None:
+        pytest.skip("hydra-submitit-launcher not installed (only needed on a SLURM cluster)")
+    cfg = make_cfg(["hydra/launcher=slurm"], tmp_path / "run")
+    assert cfg.hydra.launcher.tasks_per_node == 4
+
+
+@pytest.mark.parametrize("name", ["evaluate", "predict"])
+def test_tool_configs_compose(name: str, tmp_path: Path) -> None:
+    extra = ["input=x.jpg"] if name == "predict" else []
+    cfg = make_cfg([f"ckpt_path={tmp_path}/x.ckpt", *extra], tmp_path / "run", config_name=name)
+    assert cfg.task_name == name
+
+
+def test_default_recipe(tmp_path: Path) -> None:
+    cfg = make_cfg([], tmp_path / "run")
+    assert cfg.trainer.max_epochs == 100 and cfg.optimizer.lr == 1e-3
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and not cfg.scheduler
+    assert cfg.anchors.name == "tall_skinny" and cfg.augmentation.name == "safe_crop"
+    assert cfg.data.val_size == 50 and cfg.model.loss.neg_ratio == 4
+    assert dict(cfg.model.predict) == {"score_threshold": 0.5, "nms_threshold": 0.45, "top_k": 20}
+    assert cfg.model.evaluate.score_threshold == 0.01 and cfg.model.evaluate.top_k == 100
+    assert cfg.callbacks.model_checkpoint.monitor == "val/map_50"
+    assert cfg.data.image_size == cfg.model.net.image_size == 300
+    # the original project had no validation split: the best checkpoint is then by train/loss
+    original = make_cfg(["experiment=original"], tmp_path / "run2")
+    assert original.data.val_size == 0
+    assert original.callbacks.model_checkpoint.monitor == "train/loss"
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("anchors.ratios=[0.5,-1.0]", "anchors.ratios"),
+    ("anchors.ratios=[0.5,0.0]", "> 0"),
+    ("anchors.scales=[0.1,0.2,0.4,0.6]", "6"),
+    ("anchors.ratios=[[0.5],[0.5]]", "anchors.ratios"),
+    ("model.net.head_kernel_size=2", "1 or 3"),
+    ("model.net.weights=/no/such/file.pth", "auto, imagenet, none"),
+    ("model.net.num_classes=1", "model.net.num_classes"),
+    ("model.predict.score_threshold=1.5", "model.predict.score_threshold"),
+    ("model.evaluate.top_k=0", "model.evaluate.top_k"),
+    ("optimizer.lr=-0.1", "optimizer.lr"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("data.image_size=256", "data.image_size"),
+    ("ckpt_path=/no/such.ckpt", "ckpt_path"),
+])
+def test_bad_values_are_named(override: str, expected: str, tmp_path: Path) -> None:
+    cfg = make_cfg([override], tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert expected in str(err.value)
+
+
+def test_unknown_preset_lists_the_options(tmp_path: Path) -> None:
+    with pytest.raises(MissingConfigException) as err:
+        make_cfg(["anchors=nope"], tmp_path / "run")
+    assert "tall_skinny" in str(err.value) and "ssd" in str(err.value)
+
+
+def test_constructor_errors_become_config_errors() -> None:
+    """A ValueError raised by a constructor reaches the user as a ConfigError naming the key,
+    not as Hydra's InstantiationException traceback."""
+    from ssd_lightning.config import instantiate_checked
+
+    node = OmegaConf.create({"_target_": "ssd_lightning.core.loss.MultiBoxLoss", "neg_ratio": -1})
+    with pytest.raises(ConfigError, match=r"^model\.loss: .*neg_ratio"):
+        instantiate_checked(node, "model.loss")
+
+
+def test_config_dir_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    other = tmp_path / "conf"
+    shutil.copytree(CONF, other)
+    monkeypatch.setenv("SSD_LIGHTNING_CONF_DIR", str(other))
+    assert config_dir() == other
+    monkeypatch.setenv("SSD_LIGHTNING_CONF_DIR", str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="SSD_LIGHTNING_CONF_DIR"):
+        config_dir()

@@ -1,0 +1,109 @@
+"""`python -m ssd_lightning.summarize` on a real 2-job multirun made here (which also checks that
+the default callbacks write the FigureLogger's PNGs into each job dir) plus fake failed jobs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, tiny
+from PIL import Image
+
+from ssd_lightning.summarize import FAILED, OK, find_jobs, main, sort_jobs, summarize
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("sweep")
+    sweep = tmp / "multirun"
+    r = run_cli("ssd_lightning.train", "-m", "anchors=tall_skinny,ssd",
+                *tiny(trainer__limit_train_batches=1),
+                "callbacks.figures.max_images=2",  # the FigureLogger of conf/callbacks/default.yaml
+                f"hydra.sweep.dir={sweep}", f"paths.log_dir={tmp / 'logs'}")
+    assert r.returncode == 0, r.stderr[-4000:]
+    # a third job that crashed: Hydra made its dir and log, the fit never wrote metrics.json
+    failed = sweep / "2"
+    (failed / ".hydra").mkdir(parents=True)
+    overrides = (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
+    (failed / ".hydra" / "overrides.yaml").write_text(
+        overrides.replace("anchors=ssd", "anchors=dense_tall"))
+    (failed / "train.log").write_text(
+        "[2026-01-01 10:00:00,000][__main__][INFO] - run dir: x\n"
+        "[2026-01-01 10:00:05,000][__main__][ERROR] - training crashed\n"
+        "RuntimeError: CUDA out of memory\n")
+    # a fourth whose metrics.json exists but Hydra recorded the job as failed
+    stale = sweep / "3"
+    shutil.copytree(sweep / "1", stale)
+    (stale / "job_status.json").write_text(
+        '{"status": "FAILED", "error": "ValueError: bad ratio"}')
+    return sweep
+
+
+def test_figure_callback_in_a_training_run(sweep: Path) -> None:
+    for job in ("0", "1"):
+        for name in ("feature_maps.png", "predictions.png"):
+            with Image.open(sweep / job / name) as im:
+                assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_job_status_callback(sweep: Path) -> None:
+    for job in ("0", "1"):
+        status = json.loads((sweep / job / "job_status.json").read_text())
+        assert status["status"] == "COMPLETED" and status["error"] is None
+        assert isinstance(status["return_value"], float)  # the value a sweeper would optimize
+
+
+def test_jobs_read_and_sorted(sweep: Path) -> None:
+    jobs = find_jobs(sweep)
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
+    assert [j.overrides["anchors"] for j in jobs] == ["tall_skinny", "ssd", "dense_tall", "ssd"]
+    assert [j.status for j in jobs] == [OK, OK, FAILED, FAILED]
+    assert jobs[2].note == "RuntimeError: CUDA out of memory"
+    assert jobs[3].note == "ValueError: bad ratio"
+    jobs = jobs[:3]
+    for j in jobs[:2]:
+        assert j.value("epochs") == 1
+        assert j.value("val/map_50") is not None and j.value("train/loss") > 0
+        assert 0 < j.value("wall_s") < 600
+    by_loss = sort_jobs(jobs, "train/loss")  # losses: smallest first, failed last
+    losses = [j.value("train/loss") for j in by_loss[:2]]
+    assert losses == sorted(losses) and by_loss[2].name == "2"
+    by_loss_desc = sort_jobs(jobs, "train/loss", ascending=False)
+    assert [j.name for j in by_loss_desc[:2]] == [j.name for j in by_loss[:2]][::-1]
+
+
+def test_cli_writes_table_csv_markdown_and_chart(sweep: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    assert main([str(sweep), "--metric", "train/loss", "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "2 failed job(s): 2, 3" in printed and "dense_tall" in printed
+    assert "common overrides:" in printed and "data.batch_size=2" in printed
+    with (tmp_path / "out" / "summary.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["status"] for r in table] == ["ok", "ok", "failed", "failed"]
+    assert {"anchors", "val/map_50", "val/map", "train/loss", "epochs", "wall_s",
+            "data.batch_size"} <= set(table[0])
+    assert float(table[0]["train/loss"]) <= float(table[1]["train/loss"])
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| rank | job | status | anchors |" in md and "| failed |" in md
+    with Image.open(tmp_path / "out" / "summary.png") as im:
+        assert im.format == "PNG" and im.size == (900, round((1.0 + 0.45 * 4) * 100))
+
+
+def test_default_metric_and_out_dir(sweep: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep, copy)
+    jobs, files = summarize(copy)
+    assert files["csv"].parent == copy and files["png"].is_file()
+    assert jobs[-1].status == FAILED
+
+
+def test_missing_dir_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main([str(tmp_path / "nope")]) == 2
+    assert "nope does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty")]) == 2
+    assert "no Hydra job dirs" in capsys.readouterr().err

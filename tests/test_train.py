@@ -1,0 +1,217 @@
+"""Training end to end on the real data: fast_dev_run, outputs, resume, sweeps, DDP, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_cfg, run_cli, tiny
+from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.plugins.hparams import plugin_data_pb2
+from torch.utils.data import DataLoader
+
+from ssd_lightning.core.loss import MultiBoxLoss
+from ssd_lightning.core.ssd import SSD, load_model
+from ssd_lightning.train import train
+
+
+def _finite(metrics: dict, *keys: str) -> None:
+    for k in keys:
+        assert k in metrics, f"{k} missing from {sorted(metrics)}"
+        assert math.isfinite(metrics[k]), f"{k}={metrics[k]}"
+
+
+def test_fast_dev_run_default_model(tmp_path: Path) -> None:
+    """debug=fdr on the real data with the default 300 px model."""
+    cfg = make_cfg(["debug=fdr", "model.net.weights=none", "data.batch_size=2",
+                    "trainer.enable_progress_bar=false"], tmp_path / "run")
+    metrics = train(cfg)
+    assert metrics["global_step"] == 1
+    _finite(metrics, "train/loss", "train/loss_box", "train/loss_cls", "train/num_pos",
+            "train/accuracy", "train/box_mae", "train/fallback_rate", "val/loss", "val/map_50")
+    assert metrics["train/num_pos"] > 0
+
+
+def test_run_dir_contents(tiny_run: dict) -> None:
+    run: Path = tiny_run["dir"]
+    assert (run / "config_resolved.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    best = list((run / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["global_step"] == 4 and saved["best_monitor"] == "val/map_50"
+    _finite(saved, "train/loss", "val/loss", "val/map", "val/map_50", "val/map_75", "val/mar_100")
+    # the exported model loads without Lightning and equals the best checkpoint's network
+    net = load_model(run / "ssd_resnet34_pennfudan_best.pt")
+    state = torch.load(best[0], map_location="cpu", weights_only=True)["state_dict"]
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, state[f"net.{k}"])
+    assert net.image_size == 128 and net.config["anchors"]["name"] == "tall_skinny"
+
+
+def test_tensorboard_events(tiny_run: dict) -> None:
+    acc = ea.EventAccumulator(str(tiny_run["dir"] / "tensorboard"),
+                              size_guidance={ea.IMAGES: 0, ea.SCALARS: 0, ea.TENSORS: 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ["train/loss_epoch", "train/loss_box", "train/loss_cls", "train/num_pos",
+                "train/accuracy", "train/box_mae", "train/fallback_rate", "val/loss", "val/map",
+                "val/map_50", "val/map_75", "val/mar_100", "lr-Adam"]:
+        assert tag in tags["scalars"], tag
+    assert len(acc.Scalars("val/map_50")) == 2  # one per epoch
+    assert "val/predictions" in tags["images"]
+    images = acc.Images("val/predictions")
+    assert len(images) == 2 and images[0].width > 128  # a grid of 2 drawn images
+    assert "data/augmentations/0" in tags["images"]
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hp = start.session_start_info.hparams
+    assert hp["anchors"].string_value == "tall_skinny"
+    assert hp["augmentation"].string_value == "safe_crop"
+    assert hp["anchor_ratios"].string_value == "[0.5, 0.33, 0.25]"
+    assert hp["lr"].number_value == pytest.approx(1e-3)
+    assert hp["batch_size"].number_value == 2
+    assert hp["backbone_weights"].string_value.startswith("none")
+    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    metric_tags = {m.name.tag for m in exp.experiment.metric_infos}
+    assert {"val/map_50", "val/map"} <= metric_tags
+
+
+def test_resume_continues_exactly(tiny_run: dict, tmp_path: Path) -> None:
+    last = tiny_run["dir"] / "checkpoints" / "last.ckpt"
+    before = torch.load(last, map_location="cpu", weights_only=True)
+    assert before["global_step"] == 4
+    metrics = train(make_cfg(tiny(f"ckpt_path={last}", trainer__max_epochs=3),
+                             tmp_path / "resumed"))
+    assert metrics["global_step"] == 6  # 2 epochs x 2 steps before, 1 epoch x 2 steps now
+    after = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu",
+                       weights_only=True)
+    assert after["epoch"] == 2 and after["global_step"] == 6
+    # Adam's step counter continued from the checkpoint (optimizer state restored, not fresh)
+    adam_state = next(iter(after["optimizer_states"][0]["state"].values()))
+    assert int(adam_state["step"]) == 6
+
+
+def test_no_validation_split_uses_train_loss(tmp_path: Path) -> None:
+    cfg = make_cfg(tiny("data.val_size=0", trainer__limit_train_batches=1), tmp_path / "run")
+    assert cfg.callbacks.model_checkpoint.monitor == "train/loss"
+    assert cfg.callbacks.model_checkpoint.mode == "min"
+    metrics = train(cfg)
+    assert metrics["best_monitor"] == "train/loss"
+    assert Path(metrics["best_model_path"]).is_file()
+    assert "val/map_50" not in metrics
+    assert (tmp_path / "run" / "ssd_resnet34_pennfudan_best.pt").is_file()
+
+
+class _NaNLoss(MultiBoxLoss):
+    """MultiBoxLoss whose total is NaN on chosen calls."""
+
+    def __init__(self, nan_calls: set[int]):
+        super().__init__()
+        self.nan_calls, self.calls = nan_calls, 0
+
+    def forward(self, *args):
+        out = super().forward(*args)
+        if self.calls in self.nan_calls:
+            out.total = out.total * float("nan")
+        self.calls += 1
+        return out
+
+
+def _synthetic_loader(n: int = 4) -> DataLoader:
+    from ssd_lightning.data.collate import Batch
+
+    g = torch.Generator().manual_seed(0)
+    batches = [Batch(images=torch.rand(2, 3, 64, 64, generator=g),
+                     boxes=torch.tensor([[[10.0, 4.0, 30.0, 60.0]], [[30.0, 10.0, 50.0, 50.0]]]),
+                     labels=torch.ones(2, 1, dtype=torch.int64), mask=torch.ones(2, 1, dtype=bool),
+                     orig_sizes=torch.tensor([[64, 64], [64, 64]]), names=["a", "b"],
+                     fallback=torch.zeros(2, dtype=torch.int64)) for _ in range(n)]
+    return DataLoader(batches, batch_size=None)
+
+
+def _fit_with_nan(nan_calls: set[int], max_nonfinite_steps: int = 10, fused: bool = True):
+    import lightning as L
+
+    from ssd_lightning.lit_module import SSDLitModule
+
+    torch.manual_seed(0)
+    net = SSD({"name": "tall_skinny", "scales": [0.1, 0.2, 0.375, 0.55, 0.725, 0.9, 1.075],
+               "ratios": [0.5, 0.33, 0.25], "extra_square": True}, image_size=64, weights="none")
+    module = SSDLitModule(net, _NaNLoss(nan_calls), max_nonfinite_steps=max_nonfinite_steps,
+                          optimizer=lambda params: torch.optim.Adam(params, fused=fused))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    return module, before, trainer
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-no-sync", "sync"])
+def test_nonfinite_loss_skips_the_update(fused: bool) -> None:
+    module, before, trainer = _fit_with_nan({0, 1, 2, 3}, fused=fused)
+    module.net.eval()  # BatchNorm running stats move in the forward pass; weights must not
+    trainer.fit(module, train_dataloaders=_synthetic_loader())
+    assert module.nonfinite_total == 4
+    for k, v in module.net.state_dict().items():
+        if "running_" not in k and "num_batches" not in k:
+            torch.testing.assert_close(v, before[k], msg=k)
+    module, before, trainer = _fit_with_nan({1}, fused=fused)
+    trainer.fit(module, train_dataloaders=_synthetic_loader())
+    assert module.nonfinite_total == 1 and int(module._nonfinite_streak) == 0
+    assert any(not torch.equal(v, before[k]) for k, v in module.net.state_dict().items())
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-no-sync", "sync"])
+def test_nonfinite_loss_stops_when_persistent(fused: bool) -> None:
+    from ssd_lightning.lit_module import NonFiniteLossError
+
+    module, _, trainer = _fit_with_nan({0, 1, 2, 3}, max_nonfinite_steps=3, fused=fused)
+    with pytest.raises(NonFiniteLossError, match="[34] consecutive steps"):
+        trainer.fit(module, train_dataloaders=_synthetic_loader())
+
+
+def test_multirun_over_anchors(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    r = run_cli("ssd_lightning.train", "-m", "anchors=tall_skinny,ssd",
+                *tiny(trainer__limit_train_batches=1), f"hydra.sweep.dir={sweep}",
+                f"paths.log_dir={tmp_path / 'logs'}")
+    assert r.returncode == 0, r.stderr[-4000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    for job, anchors in zip(jobs, ["tall_skinny", "ssd"], strict=True):
+        d = sweep / job
+        assert (d / ".hydra" / "config.yaml").is_file() and (d / "checkpoints/last.ckpt").is_file()
+        assert list((d / "tensorboard").glob("events.out.tfevents.*"))
+        _finite(json.loads((d / "metrics.json").read_text()), "train/loss", "val/map_50")
+        assert f"name: {anchors}" in (d / "config_resolved.yaml").read_text()
+    assert not (tmp_path / "logs").exists()
+
+
+def test_ddp_cpu_two_processes_one_run_dir(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    r = run_cli("ssd_lightning.train", "trainer=ddp_cpu", *tiny(), f"hydra.run.dir={run}",
+                f"paths.log_dir={tmp_path / 'logs'}")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no stray dirs from rank 1
+    assert (run / "train_ddp_process_1.log").is_file()  # rank 1 ran inside the parent's run dir
+    metrics = json.loads((run / "metrics.json").read_text())
+    _finite(metrics, "train/loss", "val/loss", "val/map_50", "val/map")
+    assert metrics["global_step"] == 2
+
+
+def test_ddp_cpu_inside_a_sweep(tmp_path: Path) -> None:
+    """Each job of a -m sweep starts its own rank-1 process, which joins that job's dir and runs
+    that job's overrides (not the whole sweep again)."""
+    sweep = tmp_path / "sweep"
+    r = run_cli("ssd_lightning.train", "-m", "anchors=tall_skinny,ssd", "trainer=ddp_cpu",
+                *tiny(trainer__limit_train_batches=1), f"hydra.sweep.dir={sweep}",
+                f"paths.log_dir={tmp_path / 'logs'}")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
+    for job, anchors in [("0", "tall_skinny"), ("1", "ssd")]:
+        child_log = (sweep / job / "train_ddp_process_1.log").read_text()
+        assert f"anchors={anchors}" in child_log
+        _finite(json.loads((sweep / job / "metrics.json").read_text()), "train/loss", "val/map")
