@@ -16,11 +16,14 @@ finds it from this file's location. To use another config tree, either
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import sys
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -76,10 +79,20 @@ def _as_int(value: Any, default: int) -> int:
         return default
 
 
+def auto_precision(accelerator: Any = "auto") -> str:
+    """bf16-mixed where the run will use a GPU that supports it (the fast path), else 32-true."""
+    import torch
+
+    on_gpu = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
 def register_resolvers() -> None:
-    """``${ssd_root:}``, ``${ssd_monitor:<val_size>}``, ``${ssd_monitor_mode:<val_size>}``."""
+    """``${ssd_root:}``, ``${ssd_monitor:<val_size>}``, ``${ssd_monitor_mode:<val_size>}``,
+    ``${ssd_precision:<accelerator>}``."""
     OmegaConf.register_new_resolver("ssd_root", lambda: str(project_root()), replace=True)
     OmegaConf.register_new_resolver("ssd_monitor", _monitor, replace=True)
+    OmegaConf.register_new_resolver("ssd_precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("ssd_monitor_mode", _monitor_mode, replace=True)
 
 
@@ -218,3 +231,36 @@ def instantiate_checked(node: Any, key: str, **kwargs: Any) -> Any:
             hint = _HINTS.get(key.split(".")[0], "")
             raise ConfigError(f"{key}: {cause}{hint}") from cause
         raise
+
+
+# --------------------------------------------------------------------------------------------------
+# command-line entry points
+
+
+def route_library_logs() -> None:
+    """Send Lightning's messages and Python warnings through Hydra's logging (console +
+    <run dir>/<task>.log), once each; hide one deprecation warning Lightning itself triggers
+    with recent torch."""
+    import lightning  # noqa: F401 - its import installs the handlers removed here
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    logging.captureWarnings(True)  # warnings (e.g. random-init weights) land in the run's log too
+
+
+def exit_with_error(error: BaseException, kind: str = "Config error") -> NoReturn:
+    """A user mistake ends a command-line tool with one clear message and exit status 2."""
+    logging.getLogger("ssd_lightning").error("%s", error)
+    print(f"\n{kind}: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def config_path_or_exit() -> str:
+    """``config_dir()`` for ``hydra.main``; a missing conf/ is a one-line error."""
+    try:
+        return str(config_dir())
+    except ConfigError as e:
+        exit_with_error(e)

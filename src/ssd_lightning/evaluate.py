@@ -14,14 +14,20 @@ Examples::
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ssd_lightning.config import ConfigError, config_dir, instantiate_checked, validate_config
+from ssd_lightning.config import (
+    ConfigError,
+    config_path_or_exit,
+    exit_with_error,
+    instantiate_checked,
+    route_library_logs,
+    validate_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,20 +116,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig) -> None:
+    route_library_logs()
     try:
         evaluate(cfg)
     except ConfigError as e:
-        log.error("%s", e)
-        print(f"\nConfig error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(e)
 
 
 def main() -> None:
-    try:
-        path = str(config_dir())
-    except ConfigError as e:
-        print(f"Config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    path = config_path_or_exit()
     hydra.main(version_base="1.3", config_path=path, config_name="evaluate")(_run)()
 
 

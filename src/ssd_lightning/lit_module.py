@@ -126,6 +126,8 @@ class SSDLitModule(L.LightningModule):
 
     def _step(self, batch: Any) -> tuple[Tensor, Tensor, Any]:
         images = batch.images  # (B,3,S,S), square
+        if images.is_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
         gt_norm = batch.boxes / images.shape[-1]  # (B,G,4) xyxy, input pixels -> [0,1]
         loc, logits = self.net(images)
         out = self.criterion(loc, logits, gt_norm, batch.labels, batch.mask,
@@ -257,6 +259,8 @@ class SSDLitModule(L.LightningModule):
                 for k, v in info.items()}
 
     def on_fit_start(self) -> None:
+        if self.device.type == "cuda":  # NHWC convolutions run faster on tensor cores
+            self.net.to(memory_format=torch.channels_last)
         log_hparams_tensorboard(self.trainer, self.hparams_for_logging())
 
     def on_train_epoch_end(self) -> None:

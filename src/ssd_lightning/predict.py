@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ssd_lightning.config import ConfigError, config_dir
+from ssd_lightning.config import ConfigError, config_path_or_exit, exit_with_error
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +184,7 @@ def _run(cfg: DictConfig) -> None:
             draw=bool(cfg.draw),
         )
     except (InputError, FileNotFoundError, ValueError, ConfigError) as e:
-        log.error("%s", e)
-        print(f"\nError: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(e, "Error")
     for r in result["images"]:
         print(f"{r['file']}: {len(r['detections'])} pedestrian(s)"
               + (f" -> {r['output']}" if "output" in r else ""))
@@ -195,11 +192,7 @@ def _run(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    try:
-        path = str(config_dir())
-    except ConfigError as e:
-        print(f"Config error: {e}", file=sys.stderr)
-        sys.exit(2)
+    path = config_path_or_exit()
     hydra.main(version_base="1.3", config_path=path, config_name="predict")(_run)()
 
 

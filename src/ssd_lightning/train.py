@@ -25,7 +25,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ssd_lightning.config import ConfigError, config_dir, instantiate_checked, validate_config
+from ssd_lightning.config import (
+    ConfigError,
+    config_path_or_exit,
+    exit_with_error,
+    instantiate_checked,
+    route_library_logs,
+    validate_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -214,28 +221,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig) -> float | None:
+    route_library_logs()
     try:
         metrics = train(cfg)
     except ConfigError as e:
-        log.error("%s", e)
-        print(f"\nConfig error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(e)
     # the value a Hydra sweeper (e.g. Optuna) optimizes
     value = metrics.get("val/map_50", metrics.get("train/loss"))
     return None if value is None else float(value)
 
 
-def _config_path() -> str:
-    try:
-        return str(config_dir())
-    except ConfigError as e:
-        print(f"Config error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main() -> None:
     sys.argv = _ddp_child_argv(sys.argv)
-    hydra.main(version_base="1.3", config_path=_config_path(), config_name="train")(_run)()
+    path = config_path_or_exit()
+    hydra.main(version_base="1.3", config_path=path, config_name="train")(_run)()
 
 
 if __name__ == "__main__":

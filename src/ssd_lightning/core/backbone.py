@@ -7,7 +7,6 @@ Sizes are read off a dummy forward at build time, so other input sizes work unch
 
 from __future__ import annotations
 
-import logging
 import socket
 import warnings
 from pathlib import Path
@@ -15,8 +14,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from torchvision.models import ResNet34_Weights, resnet34
-
-log = logging.getLogger(__name__)
 
 WEIGHT_CHOICES = "auto | imagenet | none | <path to a ResNet-34 state dict>"
 _IMAGENET = ResNet34_Weights.IMAGENET1K_V1
@@ -83,7 +80,6 @@ def resolve_weights(weights: str) -> tuple[dict[str, Tensor] | None, str]:
             f"{cached}). TRAINING FROM RANDOM INIT — expect far lower accuracy. !!!"
         )
         warnings.warn(msg, stacklevel=2)
-        log.warning(msg)
         return None, "none (auto: ImageNet weights unavailable)"
     path = Path(weights).expanduser()
     if not path.is_file():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, box_convert
+from torchvision.ops import box_convert, nms
 
 from ssd_lightning.core.box_coding import VARIANCES, decode
 
@@ -25,7 +25,7 @@ def postprocess(
     Returns one dict per image: ``boxes`` (K,4) xyxy in original image pixels, ``scores`` (K,),
     ``labels`` (K,) int64 (1..C-1), sorted by score, K <= top_k. Foreground classes are scored
     with a softmax; ``pre_nms_top_k`` keeps only each image's best candidates before NMS (None:
-    all). One ``batched_nms`` call covers the batch, with (image, class) as the group.
+    all). One NMS call covers the batch, with (image, class) as the group.
     """
     B, N, C = logits.shape
     scores = logits.float().softmax(-1)[..., 1:].reshape(B, -1)  # (B, N*(C-1)), index n*(C-1)+c
@@ -43,7 +43,12 @@ def postprocess(
 
     img, j = (scores > score_threshold).nonzero(as_tuple=True)  # the one unavoidable sync
     boxes, scores, labels = boxes[img, j], scores[img, j], labels[img, j]
-    keep = batched_nms(boxes, scores, img * C + labels, nms_threshold)  # sorted by score
+    # One NMS over the batch: each (image, class) group is shifted to its own region of the plane
+    # so groups never overlap. (batched_nms does this too, but above 100k coordinates on CUDA it
+    # switches to a per-group loop with a host sync - hit at batch 128.)
+    group = (img * C + labels).to(boxes)
+    shifted = boxes + (group * (boxes.max() + 1) if len(boxes) else group)[:, None]
+    keep = nms(shifted, scores, nms_threshold)  # sorted by score
     # top-k per image: stable-sort the survivors by image, then rank within each image
     img_keep, order = img[keep].sort(stable=True)
     keep = keep[order]
