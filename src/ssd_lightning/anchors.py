@@ -238,13 +238,12 @@ def write_preset(result: dict, directory: Path, force: bool = False) -> Path:
 def plot_anchor_shapes(gt_wh: Tensor, pairs: AnchorPairs, title: str = ""):
     """Scatter of GT box shapes (w, h normalized) against the anchor shapes, one colour per map."""
     import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 6), dpi=100)
+    fig = Figure(figsize=(6, 6), dpi=100)
+    ax = fig.subplots()
     ax.scatter(gt_wh[:, 0], gt_wh[:, 1], s=8, c="0.6", label="training boxes")
-    cmap = plt.get_cmap("viridis", len(pairs))
+    cmap = matplotlib.colormaps["viridis"].resampled(len(pairs))
     for m, level in enumerate(pairs):
         w = [s * math.sqrt(r) for s, r in level]
         h = [s / math.sqrt(r) for s, r in level]

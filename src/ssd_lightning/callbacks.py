@@ -128,9 +128,6 @@ class AugmentationPreview(Callback):
             for tb in tensorboards:
                 tb.experiment.add_figure(f"data/augmentations/{index}", fig, close=False,
                                          global_step=trainer.global_step)
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
 
 
 def collect_metrics(trainer: L.Trainer) -> dict[str, Any]:

@@ -142,7 +142,7 @@ class FigureLogger(Callback):
             for tb in tensorboards:
                 tb.experiment.add_figure(f"figures/{Path(fname).stem}", fig,
                                          global_step=trainer.global_step, close=False)
-            written.append(figure_to_png(fig, outdir / fname, dpi=self.dpi))  # also closes it
+            written.append(figure_to_png(fig, outdir / fname, dpi=self.dpi))
         self.written = written
         self._last_step = trainer.global_step
         return written

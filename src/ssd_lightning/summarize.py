@@ -249,7 +249,7 @@ def format_markdown(table: list[dict[str, str]], header: str = "") -> str:
 
 def plot_summary(jobs: Sequence[Job], metric: str, title: str = "") -> Any:
     """Horizontal bar chart of ``metric`` per job (best on top); failed jobs as grey labels."""
-    from ssd_lightning.visualize import plt
+    from matplotlib.figure import Figure
 
     varying, _, _ = _columns(jobs, metric)
     labels, values, colors = [], [], []
@@ -262,7 +262,8 @@ def plot_summary(jobs: Sequence[Job], metric: str, title: str = "") -> Any:
         labels.append(label if len(label) <= 70 else label[:67] + "...")
         values.append(v if v is not None else 0.0)
         colors.append("tab:blue" if j.status == OK and v is not None else "lightgrey")
-    fig, ax = plt.subplots(figsize=(9, 1.0 + 0.45 * max(1, len(jobs))))
+    fig = Figure(figsize=(9, 1.0 + 0.45 * max(1, len(jobs))))
+    ax = fig.subplots()
     y = list(range(len(jobs)))[::-1]  # best (first) on top
     bars = ax.barh(y, values, color=colors)
     for bar, j, v in zip(bars, jobs, values, strict=True):

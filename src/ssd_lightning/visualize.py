@@ -1,4 +1,7 @@
-"""Figures (matplotlib, Agg backend): augmented samples with their boxes.
+"""Figures: augmented samples, feature maps, predictions, anchor matching.
+
+Built with matplotlib's object API (``Figure``, no pyplot): nothing switches the global backend
+or keeps figures alive, so they are safe in callbacks, scripts and notebooks alike.
 
 Boxes drawn are xyxy in pixels of the image they come with (network-input pixels after a
 training pipeline).
@@ -12,13 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torchvision.utils import draw_bounding_boxes  # noqa: E402
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+from torchvision.utils import draw_bounding_boxes
 
 Sample = tuple[Tensor, dict]
 
@@ -72,7 +72,8 @@ def plot_augmentations(
             torch.set_rng_state(state)
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3 * ncols, 3 * nrows), squeeze=False)
+    fig = Figure(figsize=(3 * ncols, 3 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (img, tgt) in zip(axes.flat, draws, strict=False):
@@ -88,11 +89,10 @@ def plot_augmentations(
 
 
 def figure_to_png(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
-    """Save `fig` as PNG (parents created) and close it."""
+    """Save `fig` as PNG (parents created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, format="png")
-    plt.close(fig)
     return path
 
 
@@ -130,7 +130,7 @@ def _gt_boxes(target: Tensor | dict | None) -> Tensor | None:
 
 def _hex_colors(n: int) -> list[str]:
     """n distinct colours (tab10, then tab20) as hex strings for draw_bounding_boxes."""
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
     return [matplotlib.colors.to_hex(cmap(i % cmap.N)) for i in range(n)]
 
 
@@ -186,7 +186,8 @@ def plot_feature_maps(
         model.train(was_training)
     panels = len(maps) + int(show_input)
     ncols = math.ceil(panels / 2)
-    fig, axes = plt.subplots(2, ncols, figsize=figsize, squeeze=False)
+    fig = Figure(figsize=figsize)
+    axes = fig.subplots(2, ncols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     flat = list(axes.flat)
@@ -239,9 +240,8 @@ def plot_predictions(
     n = len(imgs)
     ncols = max(1, min(ncols, n))
     nrows = max(1, math.ceil(n / ncols))
-    fig, axes = plt.subplots(
-        nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows), squeeze=False
-    )
+    fig = Figure(figsize=(panel_size * ncols, panel_size * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, (ax, img, det) in enumerate(zip(axes.flat, imgs, detections, strict=False)):
@@ -335,7 +335,8 @@ def plot_matching(
         legend.append((colors[k], f"GT {k}: {len(pos)} positive anchors{per_map}"))
     if g:
         drawn = draw_bounding_boxes(drawn, gt, colors=colors[:g], width=gt_width)
-    fig, ax = plt.subplots(figsize=figsize)
+    fig = Figure(figsize=figsize)
+    ax = fig.subplots()
     ax.imshow(drawn.permute(1, 2, 0).numpy())
     ax.axis("off")
     if legend:
