@@ -211,3 +211,38 @@ def test_augmentation_figure_renders(dm, tmp_path):
     assert len([ax for ax in fig2.axes if ax.images]) == 3
     with pytest.raises(ValueError, match="transform"):
         plot_augmentations(raw)
+
+
+def test_split_null_evaluates_every_image_of_another_root(tmp_path: Path) -> None:
+    import shutil
+
+    from ssd_lightning.data.manifest import DEFAULT_ROOT, mask_name
+
+    root = tmp_path / "my_peds"
+    names = ["FudanPed00001.png", "PennPed00005.png", "PennPed00010.png"]
+    for sub, files in (("PNGImages", names), ("PedMasks", [mask_name(n) for n in names])):
+        (root / sub).mkdir(parents=True)
+        for f in files:
+            shutil.copy(Path(DEFAULT_ROOT) / sub / f, root / sub / f)
+    m = PennFudanDataModule(root=root, split=None, verify="none", batch_size=2, num_workers=0)
+    m.setup("validate")
+    assert m.train_set is None  # evaluation decodes no training set
+    assert sorted(m.val_set.names) == names
+    batches = list(m.val_dataloader())
+    assert sum(len(b) for b in batches) == 3
+
+
+def test_resumed_epochs_continue_the_data_stream() -> None:
+    from ssd_lightning.data.datamodule import EpochSeededSampler
+
+    def epoch_state(sampler: EpochSeededSampler, epoch: int):
+        sampler.set_epoch(epoch)
+        worker_seed = torch.empty((), dtype=torch.int64).random_(generator=sampler.generator)
+        return list(sampler), int(worker_seed)
+
+    run = EpochSeededSampler(120, 7, torch.Generator())
+    history = [epoch_state(run, e) for e in range(3)]
+    resumed = EpochSeededSampler(120, 7, torch.Generator())  # a fresh process after epoch 1
+    assert epoch_state(resumed, 2) == history[2]
+    assert history[0] != history[1] != history[2]
+    assert sorted(history[1][0]) == list(range(120))

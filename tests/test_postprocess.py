@@ -20,8 +20,11 @@ def _reference(loc, logits, sizes, thr, iou, k):
         boxes = box_convert(decode(loc[b][keep], ANCHORS_CXCYWH[keep]), "cxcywh", "xyxy")
         h, w = sizes[b].tolist()
         boxes = boxes.clamp(0, 1) * torch.tensor([w, h, w, h])
-        sel = nms(boxes, scores[keep], iou)[:k]
-        out.append((boxes[sel], scores[keep][sel]))
+        scores = scores[keep]
+        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, scores = boxes[nonempty], scores[nonempty]
+        sel = nms(boxes, scores, iou)[:k]
+        out.append((boxes[sel], scores[sel]))
     return out
 
 
@@ -65,3 +68,12 @@ def test_multiclass_labels_are_foreground_classes():
         torch.zeros(1, N, 4), logits, ANCHORS_CXCYWH, torch.tensor([[300, 300]]), 0.5, 0.45, 50
     )
     assert set(out[0]["labels"].tolist()) <= {1, 2} and len(out[0]["labels"]) > 0
+
+
+def test_boxes_outside_the_image_are_not_detections():
+    anchors = torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.5, 0.5, 0.2, 0.4]])  # cxcywh normalized
+    loc = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [40.0, 0.0, 0.0, 0.0]]])  # 2nd: moved far right
+    logits = torch.tensor([[[0.0, 5.0], [0.0, 6.0]]])
+    out = postprocess(loc, logits, anchors, torch.tensor([[100, 200]]), 0.5, 0.45, 20)[0]
+    assert len(out["boxes"]) == 1
+    torch.testing.assert_close(out["boxes"][0], torch.tensor([80.0, 30.0, 120.0, 70.0]))

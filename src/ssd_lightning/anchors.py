@@ -273,25 +273,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="fit: overwrite an existing preset")
     parser.add_argument("--figure", type=Path, help="write the box/anchor shape figure here")
     args, overrides = parser.parse_known_args(argv)
-    from ssd_lightning.config import ConfigError, config_dir, project_root
+    from hydra.errors import HydraException
+
+    from ssd_lightning.config import ConfigError, validate_config
 
     try:
         cfg = compose(overrides)
-    except (ConfigError, ValueError) as e:  # hydra's errors are ValueError subclasses too
+        validate_config(cfg)
+        gt = training_boxes(cfg)
+        if mode == "report":
+            _report(cfg, gt, args.figure)
+        else:
+            _fit(cfg, gt, args)
+    except (ConfigError, HydraException, ValueError, FileExistsError) as e:
         sys.exit(f"error: {e}")
-    if mode == "report":
-        rep = report(cfg)
-        print(format_report(rep))
-        if args.figure:
-            gt = training_boxes(cfg)
-            fig = plot_anchor_shapes(
-                gt[:, 2:] - gt[:, :2],
-                anchor_pairs(OmegaConf.to_container(cfg.anchors, resolve=True)),
-                rep["preset"],
-            )
-            fig.savefig(args.figure)
-        return
-    result = fit(cfg, args.name, args.seeds)
+
+
+def _report(cfg: DictConfig, gt: Tensor, figure: Path | None) -> None:
+    rep = report(cfg, gt)
+    print(format_report(rep))
+    if figure:
+        pairs = anchor_pairs(OmegaConf.to_container(cfg.anchors, resolve=True))
+        plot_anchor_shapes(gt[:, 2:] - gt[:, :2], pairs, rep["preset"]).savefig(figure)
+        print(f"wrote {figure}")
+
+
+def _fit(cfg: DictConfig, gt: Tensor, args: argparse.Namespace) -> None:
+    from ssd_lightning.config import config_dir, project_root
+
+    result = fit(cfg, args.name, args.seeds, gt)
     path = write_preset(result, config_dir(), args.force)
     b, a = result["before"], result["after"]
     print(f"fitted {args.name} from {result['started_from']} on {a['boxes']} training boxes")
@@ -302,8 +312,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"wrote {path}; use it with anchors={args.name}")
     figure = args.figure or project_root() / "outputs" / f"anchors_{args.name}.png"
     figure.parent.mkdir(parents=True, exist_ok=True)
-    fig = plot_anchor_shapes(result["gt_wh"], anchor_pairs(result["preset"]), args.name)
-    fig.savefig(figure)
+    plot_anchor_shapes(result["gt_wh"], anchor_pairs(result["preset"]), args.name).savefig(figure)
     print(f"wrote {figure}")
 
 

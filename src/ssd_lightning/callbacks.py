@@ -17,10 +17,11 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from ssd_lightning.core.ssd import export_model
+from ssd_lightning.data.dataset import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES = ["background", "pedestrian"]
+
 GT_COLOR = "lime"
 PRED_COLOR = "red"
 
@@ -178,7 +179,7 @@ class ExportBestModel(Callback):
         extra: dict[str, Any] = {
             "predict": dict(getattr(pl_module, "predict_cfg", {})),
             "evaluate": dict(getattr(pl_module, "eval_cfg", {})),
-            "class_names": CLASS_NAMES,
+            "class_names": list(CLASS_NAMES),
             "epoch": int(trainer.current_epoch),
             "global_step": int(trainer.global_step),
             "source": "final weights",

@@ -23,15 +23,19 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
+
+from ssd_lightning.core.backbone import WEIGHT_NAMES
 
 CONF_DIR_ENV = "SSD_LIGHTNING_CONF_DIR"  # the same variable core.anchors reads
 ROOT_ENV = "SSD_LIGHTNING_ROOT"
 # ResNet-34 layer2..4 + extras C5..C7; the backbone derives their sizes, their count is the design.
 NUM_FEATURE_MAPS = 6
-WEIGHT_CHOICES = ("auto", "imagenet", "none")
+
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -166,7 +170,7 @@ def validate_config(cfg: DictConfig) -> None:
                "an integer >= 64 (300 is the design)")
         _check(errors, cfg, "model.net.head_kernel_size", lambda v: v in (1, 3), "1 or 3")
         _check(errors, cfg, "model.net.weights",
-               lambda v: str(v) in WEIGHT_CHOICES or Path(str(v)).expanduser().is_file(),
+               lambda v: str(v) in WEIGHT_NAMES or Path(str(v)).expanduser().is_file(),
                "auto, imagenet, none or the path of an existing ResNet-34 state dict")
     for group in ("predict", "evaluate"):
         _check(errors, cfg, f"model.{group}.score_threshold", lambda v: _number(v) and 0 <= v <= 1,
@@ -256,6 +260,24 @@ def exit_with_error(error: BaseException, kind: str = "Config error") -> NoRetur
     logging.getLogger("ssd_lightning").error("%s", error)
     print(f"\n{kind}: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+def run_task(task: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """Run a tool's task under Hydra: library logs routed once, user mistakes (config, data, a
+    missing required value) end in one clear message and exit status 2, not a traceback."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    from ssd_lightning.data.dataset import DatasetReadError
+    from ssd_lightning.data.download import DownloadError
+    from ssd_lightning.data.manifest import DatasetIntegrityError
+
+    route_library_logs()
+    try:
+        return task(cfg)
+    except (ConfigError, MissingMandatoryValue) as e:
+        exit_with_error(e)
+    except (DatasetIntegrityError, DatasetReadError, DownloadError) as e:
+        exit_with_error(e, "Data error")
 
 
 def config_path_or_exit() -> str:

@@ -8,7 +8,8 @@ Examples::
 
     python -m ssd_lightning.evaluate ckpt_path=outputs/2026-01-01/12-00-00/checkpoints/last.ckpt
     python -m ssd_lightning.evaluate ckpt_path=model.pt model.evaluate.score_threshold=0.05
-    python -m ssd_lightning.evaluate ckpt_path=model.pt data.root=/data/other data.verify=none
+    python -m ssd_lightning.evaluate ckpt_path=model.pt data.root=/data/other data.split=null \\
+        data.verify=none
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ssd_lightning.config import (
     ConfigError,
     config_path_or_exit,
-    exit_with_error,
     instantiate_checked,
-    route_library_logs,
+    run_task,
     validate_config,
 )
 
@@ -116,11 +116,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig) -> None:
-    route_library_logs()
-    try:
-        evaluate(cfg)
-    except ConfigError as e:
-        exit_with_error(e)
+    run_task(evaluate, cfg)
 
 
 def main() -> None:

@@ -70,8 +70,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss stayed NaN/inf for too many consecutive steps."""
 
 
-class _SkipStep(Exception):
-    """Internal: this training step's loss is not finite."""
 
 
 class SSDLitModule(L.LightningModule):
@@ -134,39 +132,45 @@ class SSDLitModule(L.LightningModule):
                              self.net.anchors_cxcywh, self.net.anchors_xyxy)
         return loc, logits, out
 
-    def _skip_if_nonfinite(self, loss: Tensor) -> None:
-        """Arrange for a non-finite loss to leave the weights untouched.
+    @staticmethod
+    def _fused(optimizer: Optimizer) -> bool:
+        return all(group.get("fused") for group in optimizer.param_groups)
+
+    def _count_nonfinite(self, bad: Tensor) -> None:
+        """bad: () float, 1.0 when this step is skipped. Device-side counters, read rarely."""
+        self._nonfinite_streak = (self._nonfinite_streak.to(bad) + 1) * bad
+        self._nonfinite_total = self._nonfinite_total.to(bad) + bad
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Make a step with non-finite gradients leave the weights untouched, without a host sync.
 
         With a fused optimizer (the configs' default) the decision stays on the device: the
         optimizer's ``found_inf`` makes the fused kernel skip the update, as AMP's GradScaler
-        does, and the counters are read only every ``log_every_n_steps`` steps. Other optimizers
-        cost one host sync per step to decide.
+        does. It is taken from the gradients after backward, i.e. after DDP's all-reduce, so
+        every rank decides alike with no extra collective, and it also catches a finite loss with
+        overflowing gradients. The counters are read every ``log_every_n_steps`` steps.
+        (Other optimizers: see training_step, one host sync per step.)
         """
-        bad = (~torch.isfinite(loss.detach())).float()
-        if self.trainer.world_size > 1:  # gradients are all-reduced: every rank skips together
-            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
-        self._nonfinite_streak = (self._nonfinite_streak.to(bad) + 1) * bad
-        self._nonfinite_total = self._nonfinite_total.to(bad) + bad
-        optimizer = self.optimizers().optimizer
-        if all(group.get("fused") for group in optimizer.param_groups):
-            optimizer.found_inf = bad
-            if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-                self._check_nonfinite()
-        else:
+        if not self._fused(optimizer):
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norms = torch._foreach_norm(grads) if grads else [torch.zeros((), device=self.device)]
+        bad = (~torch.isfinite(torch.stack(norms).sum())).float()
+        optimizer.found_inf = bad
+        self._count_nonfinite(bad)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self._check_nonfinite()
-            if bad.item():
-                raise _SkipStep
 
     def _check_nonfinite(self) -> None:
         total, streak = int(self._nonfinite_total.item()), int(self._nonfinite_streak.item())
         if total > self.nonfinite_total:
-            log.warning("non-finite loss: %d step(s) skipped since step %d (%d in total)",
+            log.warning("non-finite loss/gradients: %d step(s) skipped since step %d (%d in total)",
                         total - self.nonfinite_total, self._checked_step, total)
             self.nonfinite_total = total
         self._checked_step = self.global_step
         if streak >= self.max_nonfinite_steps:
             raise NonFiniteLossError(
-                f"the loss was non-finite for {streak} consecutive steps "
+                f"the loss or its gradients were non-finite for {streak} consecutive steps "
                 f"(model.max_nonfinite_steps={self.max_nonfinite_steps}); the weights were "
                 "not updated by those steps. Lower optimizer.lr, check the data and anchors, "
                 "or use trainer.precision=32-true."
@@ -175,10 +179,16 @@ class SSDLitModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         _, _, out = self._step(batch)
         bs = len(batch.images)
-        try:
-            self._skip_if_nonfinite(out.total)
-        except _SkipStep:
-            return None  # Lightning skips backward and the optimizer step
+        if not self._fused(self.optimizers().optimizer):
+            # without a fused kernel to skip on the device, decide here: one host sync per step
+            bad = (~torch.isfinite(out.total.detach())).float()
+            if self.trainer.world_size > 1:  # every rank must skip together
+                bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+            self._count_nonfinite(bad)
+            self._check_nonfinite()
+            if bad.item():
+                return None  # Lightning skips backward and the optimizer step
+        # the progress bar reads it (a host sync) at its refresh rate, log_every_n_steps by default
         self.log("train/loss", out.total, on_step=True, on_epoch=True, prog_bar=True,
                  sync_dist=True, batch_size=bs)
         fallback = getattr(batch, "fallback", None)
@@ -279,6 +289,7 @@ class SSDLitModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_total = int(checkpoint.get(CKPT_KEY, {}).get("nonfinite_total", 0))
         self._nonfinite_total = torch.tensor(float(self.nonfinite_total))
+        self._nonfinite_streak = torch.zeros(())
 
 
 def log_hparams_tensorboard(trainer: L.Trainer, params: Mapping[str, Any]) -> None:

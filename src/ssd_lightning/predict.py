@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,15 @@ import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ssd_lightning.config import ConfigError, config_path_or_exit, exit_with_error
+from ssd_lightning.data.dataset import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-CLASS_NAMES = ["background", "pedestrian"]
 
 
 class InputError(ValueError):
@@ -77,6 +79,17 @@ def read_rgb(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
 
 
+def check_thresholds(score_threshold: float | None, nms_threshold: float | None,
+                     top_k: int | None) -> None:
+    """None = the model's own value; anything else must make sense."""
+    checks = (("score_threshold", score_threshold, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+              ("nms_threshold", nms_threshold, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+              ("top_k", top_k, lambda v: int(v) == v and v >= 1, "an integer >= 1"))
+    for key, value, ok, allowed in checks:
+        if value is not None and not (isinstance(value, int | float) and ok(value)):
+            raise InputError(f"{key}={value!r}: allowed values are {allowed}")
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,6 +116,7 @@ def predict(
     from ssd_lightning.lit_module import PREDICT_DEFAULTS, load_net
 
     files = list_inputs(inputs)
+    check_thresholds(score_threshold, nms_threshold, top_k)
     dev = _device(device)
     net, info = load_net(ckpt_path, map_location=dev)
     thresholds = {**PREDICT_DEFAULTS, **dict(info.get("predict") or {})}
@@ -115,6 +129,7 @@ def predict(
     out_dir = Path(output_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     single = len(files) == 1 and Path(inputs).expanduser().is_file()
+    stems = Counter(f.stem for f in files)
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
 
@@ -155,7 +170,9 @@ def predict(
                 width = max(2, round(max(h, w) / 300))
                 drawn = draw_detections(orig, {k: v.cpu() for k, v in det.items()}, width=width)
                 suffix = ".jpg" if f.suffix.lower() in (".jpg", ".jpeg") else ".png"
-                target = out_dir / f"{f.stem}_pred{suffix}"
+                # a.png and a.jpg in one folder must not overwrite each other's drawing
+                stem = f.stem if stems[f.stem] == 1 else f"{f.stem}_{f.suffix[1:].lower()}"
+                target = out_dir / f"{stem}_pred{suffix}"
                 Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
                 record["output"] = str(target)
             records.append(record)
@@ -183,7 +200,7 @@ def _run(cfg: DictConfig) -> None:
             top_k=cfg.get("top_k"), batch_size=int(cfg.batch_size), device=str(cfg.device),
             draw=bool(cfg.draw),
         )
-    except (InputError, FileNotFoundError, ValueError, ConfigError) as e:
+    except (InputError, FileNotFoundError, ValueError, ConfigError, MissingMandatoryValue) as e:
         exit_with_error(e, "Error")
     for r in result["images"]:
         print(f"{r['file']}: {len(r['detections'])} pedestrian(s)"

@@ -26,11 +26,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.config import (
-    ConfigError,
     config_path_or_exit,
-    exit_with_error,
     instantiate_checked,
-    route_library_logs,
+    run_task,
     validate_config,
 )
 
@@ -132,6 +130,8 @@ def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[Any]:
     for key, node in (cfg.get("callbacks") or {}).items():
         if not (isinstance(node, DictConfig) and node.get("_target_")):
             continue
+        if key == "progress_bar" and not cfg.trainer.get("enable_progress_bar", True):
+            continue
         cb = instantiate_checked(node, f"callbacks.{key}")
         if not has_logger and isinstance(
                 cb, LearningRateMonitor | PredictionImageLogger | AugmentationPreview):
@@ -221,11 +221,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _run(cfg: DictConfig) -> float | None:
-    route_library_logs()
-    try:
-        metrics = train(cfg)
-    except ConfigError as e:
-        exit_with_error(e)
+    metrics = run_task(train, cfg)
     # the value a Hydra sweeper (e.g. Optuna) optimizes
     value = metrics.get("val/map_50", metrics.get("train/loss"))
     return None if value is None else float(value)

@@ -20,6 +20,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes
 
+from ssd_lightning.data.dataset import CLASS_NAMES
+
 Sample = tuple[Tensor, dict]
 
 
@@ -102,7 +104,6 @@ def figure_to_png(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
 
 GT_COLOR = "lime"
 PRED_COLOR = "red"
-CLASS_NAMES = ("background", "pedestrian")
 
 
 def _as_image_list(images: Tensor | Sequence[Tensor]) -> list[Tensor]:

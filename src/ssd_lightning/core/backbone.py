@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import ResNet34_Weights, resnet34
 
-WEIGHT_CHOICES = "auto | imagenet | none | <path to a ResNet-34 state dict>"
+WEIGHT_NAMES = ("auto", "imagenet", "none")  # or the path of a ResNet-34 state dict
+WEIGHT_CHOICES = " | ".join(WEIGHT_NAMES) + " | <path to a ResNet-34 state dict>"
 _IMAGENET = ResNet34_Weights.IMAGENET1K_V1
 _PROBE_HOST = "download.pytorch.org"
 

@@ -41,7 +41,9 @@ def postprocess(
     hw = orig_sizes.to(boxes)
     boxes = boxes * torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None]  # pixels
 
-    img, j = (scores > score_threshold).nonzero(as_tuple=True)  # the one unavoidable sync
+    # boxes entirely outside the image collapse to zero area under the clamp: not detections
+    nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+    img, j = ((scores > score_threshold) & nonempty).nonzero(as_tuple=True)  # the one sync
     boxes, scores, labels = boxes[img, j], scores[img, j], labels[img, j]
     # One NMS over the batch: each (image, class) group is shifted to its own region of the plane
     # so groups never overlap. (batched_nms does this too, but above 100k coordinates on CUDA it

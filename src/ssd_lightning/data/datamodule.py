@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from ssd_lightning.data.collate import collate_fn
 from ssd_lightning.data.dataset import PennFudanDataset
@@ -31,6 +31,7 @@ from ssd_lightning.data.manifest import (
     DEFAULT_MANIFEST,
     DEFAULT_ROOT,
     DEFAULT_SPLIT,
+    list_image_names,
     split_names,
     verify_dataset,
 )
@@ -52,6 +53,29 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)  # noqa: NPY002 - the legacy global RNG is what third-party code uses
 
 
+class EpochSeededSampler(Sampler[int]):
+    """Shuffles epoch e from ``seed + e`` and reseeds ``generator`` (the DataLoader's, which
+    draws the workers' augmentation seeds) the same way. Lightning calls ``set_epoch`` before
+    every epoch, so a run resumed from a checkpoint continues the data stream where it stopped
+    instead of replaying epoch 0. (Under DDP Lightning's DistributedSampler takes over, which
+    is seeded by epoch in the same way.)"""
+
+    def __init__(self, size: int, seed: int, generator: torch.Generator) -> None:
+        self.size, self.seed, self.generator = size, seed, generator
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(self.seed + 1_000_003 * epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch + 1)
+        return iter(torch.randperm(self.size, generator=order).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class PennFudanDataModule(L.LightningDataModule):
     """Penn-Fudan train/val/test loaders from the committed split.
 
@@ -59,6 +83,8 @@ class PennFudanDataModule(L.LightningDataModule):
     original design; `val_dataloader()` returns [] and Lightning skips validation, the test set
     is then all 170 images); other values take the first `val_size` names of the split file's
     seeded order (`order`), so a smaller set is a subset of the committed 50.
+    split: the committed split file; None = every image under `root` (another dataset in the
+    Penn-Fudan layout, e.g. for evaluation: `data.root=<dir> data.split=null data.verify=none`).
     verify: quick (names + sizes) | full (sha256) | none. download: fetch the official archive
     into `root` if it is missing (offline this fails within `download_timeout` seconds).
     gpu_augment: true | false | auto (= on when training on a GPU): the training loader yields
@@ -70,7 +96,7 @@ class PennFudanDataModule(L.LightningDataModule):
         self,
         root: str | Path = DEFAULT_ROOT,
         manifest: str | Path = DEFAULT_MANIFEST,
-        split: str | Path = DEFAULT_SPLIT,
+        split: str | Path | None = DEFAULT_SPLIT,
         val_size: int = 50,
         image_size: int = 300,
         batch_size: int = 16,
@@ -91,7 +117,8 @@ class PennFudanDataModule(L.LightningDataModule):
         super().__init__()
         if verify not in _VERIFY:
             raise ValueError(f"data.verify must be one of {_VERIFY}, got {verify!r}")
-        self.root, self.manifest, self.split = Path(root), Path(manifest), Path(split)
+        self.root, self.manifest = Path(root), Path(manifest)
+        self.split = None if split is None else Path(split)
         self.val_size, self.image_size = int(val_size), int(image_size)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.pin_memory, self.persistent_workers = bool(pin_memory), bool(persistent_workers)
@@ -107,6 +134,7 @@ class PennFudanDataModule(L.LightningDataModule):
         self.gpu_augment = gpu_augment
         self.gpu_augmenter: GpuAugmenter | None = None
         self._verified = False
+        self._names: tuple[list[str], list[str]] | None = None  # (train, val) file names
         self.train_set: PennFudanDataset | None = None
         self.val_set: PennFudanDataset | None = None
         self.test_set: PennFudanDataset | None = None
@@ -126,37 +154,48 @@ class PennFudanDataModule(L.LightningDataModule):
 
     # -- datasets -----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+        """Build the datasets `stage` needs (all for None): evaluating decodes no training set."""
         self._verify()
-        train_names, val_names = split_names(self.split, self.val_size)
+        if self._names is None:
+            if self.split is None:  # another dataset root: every image is evaluated
+                names = list_image_names(self.root)
+                self._names = (names, names)
+            else:
+                self._names = split_names(self.split, self.val_size)
+        train_names, val_names = self._names
         s = self.image_size
-        self.train_set = PennFudanDataset(
-            self.root,
-            train_names,
-            transforms=build_train_transform(self.augmentation, s),
-            fallbacks=build_fallbacks(self.augmentation, s),
-            skip_empty=True,
-        )
         evaluation = build_eval_transform(
             s, antialias=(self.augmentation or {}).get("antialias", True)
         )
-        self.val_set = (
-            PennFudanDataset(self.root, val_names, transforms=evaluation) if val_names else None
-        )
-        if val_names:
-            self.test_set = self.val_set
-        else:
-            warnings.warn(
-                "data.val_size=0: no held-out images; the test set is all 170 training images",
-                stacklevel=2,
+        if stage in (None, "fit") and self.train_set is None:
+            if self.split is None:
+                warnings.warn(f"data.split=null: training and validating on every image under "
+                              f"{self.root}", stacklevel=2)
+            self.train_set = PennFudanDataset(
+                self.root,
+                train_names,
+                transforms=build_train_transform(self.augmentation, s),
+                fallbacks=build_fallbacks(self.augmentation, s),
+                skip_empty=True,
             )
-            self.test_set = PennFudanDataset(self.root, train_names, transforms=evaluation)
-        if self.preload:  # decode once here, so forked workers inherit the cache
-            self.train_set.preload()
-            self.test_set.preload()
+            self._preload(self.train_set)
+        if self.val_set is None and val_names:
+            self.val_set = PennFudanDataset(self.root, val_names, transforms=evaluation)
+            self._preload(self.val_set)
+        if self.test_set is None:
             if self.val_set is not None:
-                self.val_set.preload()
+                self.test_set = self.val_set
+            else:
+                warnings.warn(
+                    "data.val_size=0: no held-out images; the test set is all training images",
+                    stacklevel=2,
+                )
+                self.test_set = PennFudanDataset(self.root, train_names, transforms=evaluation)
+                self._preload(self.test_set)
+
+    def _preload(self, dataset: PennFudanDataset) -> None:
+        if self.preload:  # decode once here, so forked workers inherit the cache
+            dataset.preload()
 
     # -- loaders ------------------------------------------------------------------------------
     def _loader(self, ds: PennFudanDataset, train: bool, collate=collate_fn) -> DataLoader:
@@ -164,19 +203,23 @@ class PennFudanDataModule(L.LightningDataModule):
         # distinct augmentation streams per DDP rank
         seed = None if self.seed is None else self.seed + (self.trainer.global_rank
                                                            if self.trainer is not None else 0)
+        # seed null: torch's global generator (i.e. seed_everything) shuffles and seeds workers
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        sampler = None
+        if train and generator is not None:
+            sampler = EpochSeededSampler(len(ds), seed, generator)
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train and self.drop_last,
             num_workers=workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and workers > 0,
             collate_fn=collate,
             worker_init_fn=seed_worker,
-            # seeds the shuffle order and each epoch's worker base seed, so runs reproduce
-            # (seed null: torch's global generator, i.e. seed_everything)
-            generator=None if seed is None else torch.Generator().manual_seed(seed),
+            generator=generator,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -29,6 +29,7 @@ from torchvision.ops import masks_to_boxes
 from ssd_lightning.data.manifest import IMAGE_DIR, MASK_DIR, list_image_names, mask_name
 
 PEDESTRIAN = 1
+CLASS_NAMES = ("background", "pedestrian")  # index = label
 Transform = Callable[[tv_tensors.Image, dict], tuple[tv_tensors.Image, dict]]
 
 
