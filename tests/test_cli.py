@@ -101,3 +101,28 @@ def test_train_cli_config_error_is_clean(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
     r = run_cli("ssd_lightning.train", "anchors=nope", f"hydra.run.dir={tmp_path}")
     assert r.returncode != 0 and "tall_skinny" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_predict_rejects_bad_thresholds_and_keeps_same_stem_outputs_apart(
+        tiny_run: dict, tmp_path: Path) -> None:
+    model = tiny_run["dir"] / "ssd_resnet34_pennfudan_best.pt"
+    for kwargs, key in (({"score_threshold": 2.0}, "score_threshold=2.0"),
+                        ({"nms_threshold": 0}, "nms_threshold=0"), ({"top_k": 0}, "top_k=0")):
+        with pytest.raises(InputError, match=key):
+            predict(model, PED, tmp_path / "out", **kwargs)
+    same = tmp_path / "same"
+    same.mkdir()
+    Image.open(PED).save(same / "a.png")
+    Image.open(PED).convert("RGB").save(same / "a.jpg")
+    result = predict(model, same, tmp_path / "out2")
+    outputs = {Path(r["output"]).name for r in result["images"]}
+    assert outputs == {"a_png_pred.png", "a_jpg_pred.jpg"}
+
+
+def test_cli_user_mistakes_are_one_message(tiny_run: dict, tmp_path: Path) -> None:
+    r = run_cli("ssd_lightning.evaluate", f"hydra.run.dir={tmp_path / 'e'}")  # no ckpt_path
+    assert r.returncode == 2 and "ckpt_path" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("ssd_lightning.train", f"data.root={tmp_path / 'nowhere'}", "data.num_workers=0",
+                "model.net.weights=none", f"hydra.run.dir={tmp_path / 't'}")
+    assert r.returncode == 2 and "Data error" in r.stderr and "Traceback" not in r.stderr
+    assert "nowhere" in r.stderr

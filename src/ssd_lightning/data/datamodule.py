@@ -101,7 +101,7 @@ class PennFudanDataModule(L.LightningDataModule):
         image_size: int = 300,
         batch_size: int = 16,
         num_workers: int = 2,
-        pin_memory: bool = False,
+        pin_memory: bool | str = "auto",
         persistent_workers: bool = False,
         seed: int | None = 0,
         augmentation: Mapping | None = None,
@@ -121,7 +121,11 @@ class PennFudanDataModule(L.LightningDataModule):
         self.split = None if split is None else Path(split)
         self.val_size, self.image_size = int(val_size), int(image_size)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.pin_memory, self.persistent_workers = bool(pin_memory), bool(persistent_workers)
+        if pin_memory not in (True, False, "auto"):
+            raise ValueError(f"data.pin_memory={pin_memory!r}: allowed values are true, false, auto")
+        # auto: pinned batches where a GPU is present, so host-to-device copies are asynchronous
+        self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else pin_memory
+        self.persistent_workers = bool(persistent_workers)
         self.seed = None if seed is None else int(seed)
         self.augmentation: dict[str, Any] | None = (
             None if augmentation is None else _to_plain(augmentation)
