@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -76,3 +77,13 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("tiny_run")
     metrics = train(make_cfg(tiny(trainer__max_epochs=2), out))
     return {"dir": out, "metrics": metrics}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Per-sample data ops are tiny: intra-op threads only add contention on a 2-core machine
+    (DataLoader workers run with one thread too). Use with pytest.mark.usefixtures."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

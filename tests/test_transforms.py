@@ -30,14 +30,7 @@ S = 300
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "augmentation"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # per-sample ops are tiny: intra-op threads only add contention on a shared 2-core machine
-    # (DataLoader workers run with one thread too)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def preset(name: str) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,18 +14,10 @@ from ssd_lightning.core.anchors import anchor_pairs, generate_anchors
 from ssd_lightning.core.backbone import ResNet34Backbone
 from ssd_lightning.core.heads import SSDHeads
 from ssd_lightning.core.postprocess import postprocess
+from ssd_lightning.plain import to_plain
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _plain(obj: Any) -> Any:
-    """DictConfig / ListConfig / tuples -> plain dicts and lists (without importing omegaconf)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple) or type(obj).__name__ == "ListConfig":
-        return [_plain(v) for v in obj]
-    return obj
 
 
 class SSD(nn.Module):
@@ -50,7 +41,7 @@ class SSD(nn.Module):
             raise ValueError(f"model.net.num_classes={num_classes}: need >= 2 (background + 1)")
         if image_size < 64:
             raise ValueError(f"model.net.image_size={image_size}: must be >= 64")
-        anchors = _plain(anchors)
+        anchors = to_plain(anchors)
         self.config = {
             "anchors": anchors,
             "num_classes": num_classes,

@@ -35,8 +35,8 @@ from ssd_lightning.data.manifest import (
     split_names,
     verify_dataset,
 )
+from ssd_lightning.plain import to_plain
 from ssd_lightning.data.transforms import (
-    _to_plain,
     build_eval_transform,
     build_fallbacks,
     build_train_transform,
@@ -128,7 +128,7 @@ class PennFudanDataModule(L.LightningDataModule):
         self.persistent_workers = bool(persistent_workers)
         self.seed = None if seed is None else int(seed)
         self.augmentation: dict[str, Any] | None = (
-            None if augmentation is None else _to_plain(augmentation)
+            None if augmentation is None else to_plain(augmentation)
         )
         self.verify, self.download = verify, bool(download)
         self.download_url, self.download_sha256 = download_url, download_sha256

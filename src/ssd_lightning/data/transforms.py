@@ -21,6 +21,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import get_bounding_boxes, query_size
 
+from ssd_lightning.plain import to_plain
+
 # The `safe_crop` preset (conf/augmentation/safe_crop.yaml mirrors it).
 DEFAULT_AUGMENTATION: dict[str, Any] = {
     "name": "safe_crop",
@@ -270,15 +272,7 @@ class ResizeKeepLargest:
 
 
 def _merged(cfg: Mapping | None) -> dict[str, Any]:
-    return copy.deepcopy(DEFAULT_AUGMENTATION) if cfg is None else _to_plain(cfg)
-
-
-def _to_plain(cfg: Any) -> Any:
-    if isinstance(cfg, Mapping):
-        return {str(k): _to_plain(v) for k, v in cfg.items()}
-    if isinstance(cfg, list | tuple) or type(cfg).__name__ == "ListConfig":
-        return [_to_plain(v) for v in cfg]
-    return cfg
+    return copy.deepcopy(DEFAULT_AUGMENTATION) if cfg is None else to_plain(cfg)
 
 
 def _tuple(v: Any) -> Any:
