@@ -54,9 +54,10 @@ Sections (img/s = images per second, medians over ``repeats`` of ``steps`` steps
                   otherwise; weights none, no logger): steady-state train img/s (epochs after
                   the first, validation excluded) vs section 2 at the same batch size, and the
                   total wall time
-The GPU data path in a fit: ``'fit_overrides=[data.gpu_augment=true]'`` once the DataModule has
-that option. On a shared CPU the numbers drift with the load; runs of the sections are interleaved
-(bare, step, torchvision, bare, ...) so drift hits them alike, but treat CPU ratios as indicative.
+The fit uses the DataModule's default data path (on CUDA: ``data.gpu_augment=auto`` = the GPU
+path; ``'fit_overrides=[data.gpu_augment=false]'`` for the CPU workers). On a shared CPU the
+numbers drift with the load; runs of the sections are interleaved (bare, step, torchvision,
+bare, ...) so drift hits them alike, but treat CPU ratios as indicative.
 About 2 minutes on an idle 2-core CPU with the defaults; ``image_size=128`` is ~4x faster.
 
 The table printed at the end holds the ratios step/bare, torchvision/bare, step/torchvision and

@@ -112,7 +112,8 @@ class SSDLitModule(L.LightningModule):
         self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox",
                                             backend=map_backend())
         self.nonfinite_total = 0  # steps skipped, as last read from the device counters
-        self._nonfinite_total = torch.zeros(())  # device-side counters (see _skip_if_nonfinite)
+        # device-side counters, read rarely (see on_before_optimizer_step)
+        self._nonfinite_total = torch.zeros(())
         self._nonfinite_streak = torch.zeros(())
         self._checked_step = 0
         self.last_map: dict[str, float] = {}  # every scalar of the last mAP computation

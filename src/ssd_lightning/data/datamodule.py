@@ -23,7 +23,7 @@ from ssd_lightning.data.download import URL, download_pennfudan
 from ssd_lightning.data.gpu_augment import (
     GpuAugmenter,
     PlanBatch,
-    build_plan_dataset,
+    GpuPlanDataset,
     gpu_augment_enabled,
     plan_collate,
 )
@@ -230,8 +230,10 @@ class PennFudanDataModule(L.LightningDataModule):
         self.setup("fit")
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         if gpu_augment_enabled(self.gpu_augment, on_gpu):
-            plans = build_plan_dataset(self.root, self.train_set.names, self.augmentation,
-                                       self.image_size)
+            # the CPU train set's own transform objects draw the parameters: same semantics
+            train = self.train_set
+            plans = GpuPlanDataset(train.root, train.names, transforms=train.transforms,
+                                   fallbacks=train.fallbacks)
             self.gpu_augmenter = GpuAugmenter(plans)
             return self._loader(plans, train=True, collate=plan_collate)
         return self._loader(self.train_set, train=True)
