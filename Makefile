@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-all lint clean-venv
+.PHONY: train test test-all lint format clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,15 +16,19 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(PY) -m ssd_lightning.train $(ARGS)
 
-test: $(STAMP)
-	$(PY) -m ruff check src tests
+test: lint
 	$(PY) -m pytest $(ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m '' $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5 on one CUDA GPU (written for an H100): the benchmark at bs 32 and 128 in bf16, a
+# The GPU figures on one CUDA GPU (written for an H100): the benchmark at bs 32 and 128 in bf16, a
 # torch.compile variant, and the default recipe end to end (wall time, start-up included).
 #
 #   OUT=/path/to/results scripts/gpu_bench.sh      # OUT defaults to outputs/gpu_bench

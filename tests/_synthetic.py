@@ -3,13 +3,14 @@
 import torch
 from torchvision.ops import box_convert
 
-from ssd_lightning.core.anchors import anchor_pairs, generate_anchors, load_preset
+from ssd_lightning.config.paths import load_option
+from ssd_lightning.core.anchors import anchor_pairs, generate_anchors
 
 SIZES_300 = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 
 
 def anchors_300(preset: str = "tall_skinny"):
-    cxcywh = generate_anchors(SIZES_300, anchor_pairs(load_preset(preset)))
+    cxcywh = generate_anchors(SIZES_300, anchor_pairs(load_option("anchors", preset)))
     return cxcywh, box_convert(cxcywh, "cxcywh", "xyxy")
 
 

@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict, read_write
+from omegaconf import DictConfig
 
-from ssd_lightning.config import config_dir
+from ssd_lightning.config.compose import compose
 
 ROOT = Path(__file__).resolve().parents[1]
+PENNFUDAN = ROOT / "data" / "PennFudanPed"  # the vendored dataset, its manifest and split
+MANIFEST = ROOT / "data" / "pennfudan_manifest.json"
+SPLIT = ROOT / "data" / "pennfudan_split.json"
 
 # A CPU run in seconds: 128 px input, 2-image batches, 2 train and 1 val batch per epoch.
 TINY = {
@@ -46,14 +46,7 @@ def tiny(*extra: str, **changes: Any) -> list[str]:
 
 def make_cfg(overrides: Sequence[str], output_dir: Path, config_name: str = "train") -> DictConfig:
     """Compose like ``@hydra.main`` would (HydraConfig set, so runtime choices are known)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(str(config_dir()), version_base="1.3", job_name="test"):
-        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    with read_write(cfg), open_dict(cfg):
-        del cfg["hydra"]  # as hydra.main does before calling the task
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
+    return compose(config_name, overrides, output_dir=str(output_dir), job_name="test")
 
 
 @pytest.fixture
@@ -65,8 +58,15 @@ def run_cli(module: str, *args: str, timeout: float = 600) -> subprocess.Complet
     """``python -m <module> <args>`` from the repo root, output captured."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSD_LIGHTNING_")}
     env["PYTHONWARNINGS"] = "ignore"
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -6,40 +6,44 @@ import pytest
 import torch
 from torchvision.ops import box_convert
 
-from ssd_lightning import anchors as tool
-from ssd_lightning.config import config_dir
+from ssd_lightning.config import ConfigError
+from ssd_lightning.config.paths import config_dir
 from ssd_lightning.core.anchors import anchor_pairs, generate_anchors
+from ssd_lightning.tools import anchors as tool
 
 
 @pytest.fixture(scope="module")
 def train_boxes():
-    return tool.training_boxes(tool.compose([]))
+    return tool.training_boxes(tool.compose("train", []))
 
 
 def test_report_counts_and_coverage(train_boxes):
-    rep = tool.report(tool.compose(["anchors=tall_skinny"]), train_boxes)
+    rep = tool.report(tool.compose("train", ["anchors=tall_skinny"]), train_boxes)
     assert rep["total"] == 7760
     assert [m["size"] for m in rep["maps"]] == ["38x38", "19x19", "10x10", "5x5", "3x3", "1x1"]
     cov = rep["coverage"]
     assert cov["boxes"] == len(train_boxes) > 250  # the 120 training images' pedestrians
     assert 0 < cov["best_iou_min"] <= cov["best_iou_median"] <= 1
     # the data-driven default covers pedestrians far better than the SSD paper's square anchors
-    ssd = tool.report(tool.compose(["anchors=ssd"]), train_boxes)["coverage"]
+    ssd = tool.report(tool.compose("train", ["anchors=ssd"]), train_boxes)["coverage"]
     assert cov["bpr"] > ssd["bpr"] + 0.1
     text = tool.format_report(rep)
     assert "7760" in text and "best possible recall" in text
 
 
 def test_report_follows_overrides(train_boxes):
-    rep = tool.report(tool.compose(["anchors=ssd", "model.net.image_size=512"]), train_boxes)
+    rep = tool.report(
+        tool.compose("train", ["anchors=ssd", "model.net.image_size=512"]), train_boxes
+    )
     assert rep["maps"][0]["size"] == "64x64"
     narrowed = tool.report(
         tool.compose(
+            "train",
             [
                 "anchors.ratios=[0.3]",
                 "anchors.extra_square=false",
                 "anchors.scales=[0.1,0.2,0.375,0.55,0.725,0.9]",
-            ]
+            ],
         ),
         train_boxes,
     )
@@ -81,10 +85,10 @@ def test_fit_writes_a_usable_preset_that_covers_at_least_as_well(
         ]
     )
     assert (conf / "anchors" / "fitted_test.yaml").is_file() and out.stat().st_size > 0
-    with pytest.raises(FileExistsError):
+    with pytest.raises(ConfigError, match="exists"):
         tool.write_preset({"preset": {"name": "fitted_test"}}, conf)
 
-    cfg = tool.compose(["anchors=fitted_test"])  # usable at once by name
+    cfg = tool.compose("train", ["anchors=fitted_test"])  # usable at once by name
     pairs = anchor_pairs(cfg.anchors)
     assert [len(level) for level in pairs] == [4] * 6
     sizes = tool.feature_sizes(300)
@@ -93,4 +97,4 @@ def test_fit_writes_a_usable_preset_that_covers_at_least_as_well(
         anchors = box_convert(generate_anchors(sizes, p), "cxcywh", "xyxy")
         return tool.coverage(train_boxes, anchors)["bpr"]
 
-    assert bpr(pairs) >= bpr(anchor_pairs(tool.compose(["anchors=tall_skinny"]).anchors))
+    assert bpr(pairs) >= bpr(anchor_pairs(tool.compose("train", ["anchors=tall_skinny"]).anchors))

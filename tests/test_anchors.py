@@ -6,11 +6,10 @@ import pytest
 import torch
 from torchvision.ops import box_convert
 
+from ssd_lightning.config.paths import available_options, load_option
 from ssd_lightning.core.anchors import (
     anchor_pairs,
-    available_presets,
     generate_anchors,
-    load_preset,
 )
 from ssd_lightning.core.ssd import SSD
 
@@ -19,19 +18,19 @@ SIZES_300 = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
 
 @pytest.mark.parametrize("preset", ["tall_skinny", "ssd"])
 def test_design_presets_give_7760_anchors_at_300(preset):
-    pairs = anchor_pairs(load_preset(preset))
+    pairs = anchor_pairs(load_option("anchors", preset))
     assert [len(level) for level in pairs] == [4] * 6
     assert generate_anchors(SIZES_300, pairs).shape == (7760, 4)
 
 
 def test_presets_are_there_and_tall_skinny_is_tall():
-    assert {"tall_skinny", "ssd", "dense_tall"} <= set(available_presets())
-    ratios = [r for level in anchor_pairs(load_preset("tall_skinny")) for _, r in level]
+    assert {"tall_skinny", "ssd", "dense_tall"} <= set(available_options("anchors"))
+    ratios = [r for level in anchor_pairs(load_option("anchors", "tall_skinny")) for _, r in level]
     assert all(r <= 1 for r in ratios)
 
 
 def test_model_map_shapes_and_anchor_buffers_at_300():
-    model = SSD(load_preset("tall_skinny"), weights="none")
+    model = SSD(load_option("anchors", "tall_skinny"), weights="none")
     assert model.feature_sizes == SIZES_300
     assert model.num_anchors == 7760
     buffers = dict(model.named_buffers())
@@ -41,14 +40,14 @@ def test_model_map_shapes_and_anchor_buffers_at_300():
 
 
 def test_other_input_size_needs_no_code_change():
-    model = SSD(load_preset("ssd"), weights="none", image_size=512)
+    model = SSD(load_option("anchors", "ssd"), weights="none", image_size=512)
     assert model.feature_sizes == [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4), (2, 2)]
     loc, logits = model(torch.rand(1, 3, 512, 512))
     assert loc.shape == (1, model.num_anchors, 4) and logits.shape == (1, model.num_anchors, 2)
 
 
 def test_center_and_corner_forms_agree():
-    model = SSD(load_preset("dense_tall"), weights="none", image_size=160)
+    model = SSD(load_option("anchors", "dense_tall"), weights="none", image_size=160)
     back = box_convert(model.anchors_xyxy, "xyxy", "cxcywh")
     torch.testing.assert_close(back, model.anchors_cxcywh, atol=1e-6, rtol=0)
     assert model.anchors_xyxy.min() >= 0 and model.anchors_xyxy.max() <= 1
@@ -64,7 +63,7 @@ def test_anchor_geometry_matches_the_definition():
 
 
 def test_anchors_move_with_the_module():
-    model = SSD(load_preset("ssd"), weights="none", image_size=128).to(torch.float64)
+    model = SSD(load_option("anchors", "ssd"), weights="none", image_size=128).to(torch.float64)
     assert model.anchors_cxcywh.dtype == torch.float64
 
 
@@ -98,4 +97,4 @@ def test_wrong_number_of_maps_names_both_counts():
 
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ValueError, match="available: .*tall_skinny"):
-        load_preset("no_such_preset")
+        load_option("anchors", "no_such_preset")

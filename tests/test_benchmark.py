@@ -13,20 +13,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssd_lightning.benchmark import (
-    PREDICT,
-    OptionError,
-    build_net,
-    build_torchvision_ssd,
-    parse_options,
-    project_loss,
-    synthetic_batch,
-    torchvision_loss,
-)
-from ssd_lightning.core.postprocess import postprocess
+from ssd_lightning.core.loss import MultiBoxLoss
+from ssd_lightning.core.postprocess import PREDICT_DEFAULTS, postprocess
+from ssd_lightning.core.step import forward_with_loss
+from ssd_lightning.tools.benchmark.options import OptionError, parse_options
+from ssd_lightning.tools.benchmark.steps import build_net, synthetic_batch
+from ssd_lightning.tools.benchmark.torchvision_ssd import build_torchvision_ssd, tv_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
+
+
+def project_loss(net, batch) -> torch.Tensor:
+    """What the benchmark's project step trains on: the LightningModule's forward + loss."""
+    keys = ("images", "boxes", "labels", "mask")
+    return forward_with_loss(net, MultiBoxLoss(), *(batch[k] for k in keys))[2].total
+
+
+def torchvision_loss(tv, batch) -> dict[str, torch.Tensor]:
+    return tv(*tv_inputs(batch))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +71,9 @@ def test_torchvision_wrapper_is_the_same_detector(net_and_batch) -> None:
             for conv in [*net.heads.cls, *net.heads.box]:
                 conv.weight.mul_(0.02)
             loc, logits = net(batch["images"])
-            ours = postprocess(loc, logits, net.anchors_cxcywh, batch["orig_sizes"], **PREDICT)
+            ours = postprocess(
+                loc, logits, net.anchors_cxcywh, batch["orig_sizes"], **PREDICT_DEFAULTS
+            )
             theirs = tv(list(batch["images"]))
     finally:
         net.load_state_dict(state)
@@ -81,17 +88,34 @@ def test_options_are_checked() -> None:
     opts = parse_options(["device=cpu", "batch_sizes=[2,4]", "sections=step,fit"])
     assert opts.batch_sizes == [2, 4] and opts.sections == ["step", "fit"]
     assert opts.fit_batch_size == 2 and opts.channels_last is False
-    for bad, match in (["nonsense=1"], "unknown"), (["sections=[warp]"], "sections"), \
-            (["device=tpu"], "device"), (["precision=fp8"], "precision"), (["steps"], "key=value"):
+    for bad, match in (
+        (["nonsense=1"], "unknown"),
+        (["sections=[warp]"], "sections"),
+        (["device=tpu"], "device"),
+        (["precision=fp8"], "precision"),
+        (["steps"], "key=value"),
+    ):
         with pytest.raises(OptionError, match=match):
             parse_options(bad)
 
 
 def test_command_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "ssd_lightning.benchmark", "device=cpu", "image_size=128",
-           "batch_sizes=[2]", "steps=1", "warmup=0", "repeats=1", "data_samples=4",
-           "fit_epochs=1", "fit_batches=1", f"out={out}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ssd_lightning.benchmark",
+        "device=cpu",
+        "image_size=128",
+        "batch_sizes=[2]",
+        "steps=1",
+        "warmup=0",
+        "repeats=1",
+        "data_samples=4",
+        "fit_epochs=1",
+        "fit_batches=1",
+        f"out={out}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ratio 2/1" in proc.stdout

@@ -10,7 +10,9 @@ import pytest
 from conftest import ROOT, run_cli
 from PIL import Image
 
-from ssd_lightning.predict import InputError, predict, read_rgb
+from ssd_lightning.data.images import InputError, read_rgb
+from ssd_lightning.predict import predict
+from ssd_lightning.training.checkpoint import CheckpointError
 
 PED = ROOT / "data" / "PennFudanPed" / "PNGImages" / "FudanPed00001.png"
 
@@ -63,29 +65,45 @@ def test_predict_errors_name_the_input(tiny_run: dict, photos: Path, tmp_path: P
         predict(model, tmp_path / "nowhere.jpg", tmp_path / "out")
     with pytest.raises(InputError, match=r"readme\.txt"):
         predict(model, photos / "readme.txt", tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(CheckpointError, match="missing.pt"):
         predict(tmp_path / "missing.pt", photos, tmp_path / "out")
 
 
 def test_predict_cli(tiny_run: dict, photos: Path, tmp_path: Path) -> None:
     out = tmp_path / "pred"
-    r = run_cli("ssd_lightning.predict", f"ckpt_path={tiny_run['dir'] / 'checkpoints/last.ckpt'}",
-                f"input={photos / 'gray.png'}", f"hydra.run.dir={out}", "top_k=3")
+    r = run_cli(
+        "ssd_lightning.predict",
+        f"ckpt_path={tiny_run['dir'] / 'checkpoints/last.ckpt'}",
+        f"input={photos / 'gray.png'}",
+        f"hydra.run.dir={out}",
+        "top_k=3",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((out / "detections.json").read_text())
     assert len(result["images"]) == 1 and result["thresholds"]["top_k"] == 3
     assert (out / "gray_pred.png").is_file()
-    r = run_cli("ssd_lightning.predict", f"ckpt_path={tiny_run['dir'] / 'checkpoints/last.ckpt'}",
-                f"input={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'p2'}")
+    r = run_cli(
+        "ssd_lightning.predict",
+        f"ckpt_path={tiny_run['dir'] / 'checkpoints/last.ckpt'}",
+        f"input={tmp_path / 'nope'}",
+        f"hydra.run.dir={tmp_path / 'p2'}",
+    )
     assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_evaluate_cli(tiny_run: dict, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    r = run_cli("ssd_lightning.evaluate", f"ckpt_path={tiny_run['dir'] / 'checkpoints/last.ckpt'}",
-                "data.val_size=4", "data.batch_size=4", "data.num_workers=0", "data.preload=false",
-                "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-                f"hydra.run.dir={out}")
+    r = run_cli(
+        "ssd_lightning.evaluate",
+        f"ckpt_path={tiny_run['dir'] / 'checkpoints/last.ckpt'}",
+        "data.val_size=4",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        "data.preload=false",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={out}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "AP   @[IoU=0.50      | area=   all | maxDets=100]" in r.stdout
     metrics = json.loads((out / "eval_metrics.json").read_text())
@@ -104,10 +122,14 @@ def test_train_cli_config_error_is_clean(tmp_path: Path) -> None:
 
 
 def test_predict_rejects_bad_thresholds_and_keeps_same_stem_outputs_apart(
-        tiny_run: dict, tmp_path: Path) -> None:
+    tiny_run: dict, tmp_path: Path
+) -> None:
     model = tiny_run["dir"] / "ssd_resnet34_pennfudan_best.pt"
-    for kwargs, key in (({"score_threshold": 2.0}, "score_threshold=2.0"),
-                        ({"nms_threshold": 0}, "nms_threshold=0"), ({"top_k": 0}, "top_k=0")):
+    for kwargs, key in (
+        ({"score_threshold": 2.0}, "score_threshold=2.0"),
+        ({"nms_threshold": 0}, "nms_threshold=0"),
+        ({"top_k": 0}, "top_k=0"),
+    ):
         with pytest.raises(InputError, match=key):
             predict(model, PED, tmp_path / "out", **kwargs)
     same = tmp_path / "same"
@@ -122,7 +144,12 @@ def test_predict_rejects_bad_thresholds_and_keeps_same_stem_outputs_apart(
 def test_cli_user_mistakes_are_one_message(tiny_run: dict, tmp_path: Path) -> None:
     r = run_cli("ssd_lightning.evaluate", f"hydra.run.dir={tmp_path / 'e'}")  # no ckpt_path
     assert r.returncode == 2 and "ckpt_path" in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("ssd_lightning.train", f"data.root={tmp_path / 'nowhere'}", "data.num_workers=0",
-                "model.net.weights=none", f"hydra.run.dir={tmp_path / 't'}")
+    r = run_cli(
+        "ssd_lightning.train",
+        f"data.root={tmp_path / 'nowhere'}",
+        "data.num_workers=0",
+        "model.net.weights=none",
+        f"hydra.run.dir={tmp_path / 't'}",
+    )
     assert r.returncode == 2 and "Data error" in r.stderr and "Traceback" not in r.stderr
     assert "nowhere" in r.stderr

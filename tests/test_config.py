@@ -13,12 +13,28 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ssd_lightning.config import ConfigError, config_dir, validate_config
-from ssd_lightning.train import build_callbacks, build_loggers, build_module
+from ssd_lightning.config import ConfigError
+from ssd_lightning.config.compose import instantiate_checked
+from ssd_lightning.config.paths import config_dir
+from ssd_lightning.config.validation import validate_config
+from ssd_lightning.training.builders import build, build_callbacks, build_loggers
 
 CONF = ROOT / "conf"
-GROUPS = ["data", "augmentation", "anchors", "model", "optimizer", "scheduler", "trainer",
-          "logger", "callbacks", "paths", "hydra", "experiment", "debug"]
+GROUPS = [
+    "data",
+    "augmentation",
+    "anchors",
+    "model",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "logger",
+    "callbacks",
+    "paths",
+    "hydra",
+    "experiment",
+    "debug",
+]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 HAS_CUDA = torch.cuda.is_available()
 
@@ -31,8 +47,16 @@ def test_every_group_has_options() -> None:
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Path) -> None:
     small = ["model.net.image_size=128"] if group in ("anchors", "model") else []
-    cfg = make_cfg([f"{group}={option}", "model.net.weights=none", "data.num_workers=0",
-                    "data.preload=false", *small], tmp_path / "run")
+    cfg = make_cfg(
+        [
+            f"{group}={option}",
+            "model.net.weights=none",
+            "data.num_workers=0",
+            "data.preload=false",
+            *small,
+        ],
+        tmp_path / "run",
+    )
     validate_config(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     if group in ("data", "augmentation"):
@@ -41,18 +65,20 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Pat
         image, target = dm.train_set[0]
         assert image.shape == (3, 300, 300) and len(target["boxes"]) >= 1
     elif group in ("anchors", "model"):
-        module = build_module(cfg)
+        module = instantiate_checked(cfg.model, "model")
         with torch.no_grad():
             loc, logits = module.net.eval()(torch.rand(1, 3, 128, 128))
         assert loc.shape[1] == logits.shape[1] == module.net.num_anchors
     elif group in ("optimizer", "scheduler"):
-        module = build_module(cfg)
+        module = instantiate_checked(cfg.model, "model")
         trainer = instantiate(cfg.trainer, accelerator="cpu", logger=False)
         module.trainer = trainer
         trainer.fit_loop.max_epochs = 2
         opt = module.configure_optimizers()
-        assert isinstance(opt if isinstance(opt, torch.optim.Optimizer) else opt["optimizer"],
-                          torch.optim.Optimizer)
+        assert isinstance(
+            opt if isinstance(opt, torch.optim.Optimizer) else opt["optimizer"],
+            torch.optim.Optimizer,
+        )
     elif group in ("logger", "callbacks"):
         loggers = build_loggers(cfg)
         callbacks = build_callbacks(cfg, has_logger=bool(loggers))
@@ -90,7 +116,8 @@ def test_tool_configs_compose(name: str, tmp_path: Path) -> None:
 def test_default_recipe(tmp_path: Path) -> None:
     cfg = make_cfg([], tmp_path / "run")
     assert cfg.trainer.max_epochs == 100 and cfg.optimizer.lr == 1e-3
-    assert cfg.optimizer._target_ == "torch.optim.Adam" and not cfg.scheduler
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.scheduler is None
+    assert cfg.model.optimizer == cfg.optimizer and cfg.model.scheduler is None
     assert cfg.anchors.name == "tall_skinny" and cfg.augmentation.name == "safe_crop"
     assert cfg.data.val_size == 50 and cfg.model.loss.neg_ratio == 4
     assert dict(cfg.model.predict) == {"score_threshold": 0.5, "nms_threshold": 0.45, "top_k": 20}
@@ -103,25 +130,36 @@ def test_default_recipe(tmp_path: Path) -> None:
     assert original.callbacks.model_checkpoint.monitor == "train/loss"
 
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("anchors.ratios=[0.5,-1.0]", "anchors.ratios"),
-    ("anchors.ratios=[0.5,0.0]", "> 0"),
-    ("anchors.scales=[0.1,0.2,0.4,0.6]", "6"),
-    ("anchors.ratios=[[0.5],[0.5]]", "anchors.ratios"),
-    ("model.net.head_kernel_size=2", "1 or 3"),
-    ("model.net.weights=/no/such/file.pth", "auto, imagenet, none"),
-    ("model.net.num_classes=1", "model.net.num_classes"),
-    ("model.predict.score_threshold=1.5", "model.predict.score_threshold"),
-    ("model.evaluate.top_k=0", "model.evaluate.top_k"),
-    ("optimizer.lr=-0.1", "optimizer.lr"),
-    ("data.batch_size=0", "data.batch_size"),
-    ("data.image_size=256", "data.image_size"),
-    ("ckpt_path=/no/such.ckpt", "ckpt_path"),
-])
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("anchors.ratios=[0.5,-1.0]", "anchors.ratios"),
+        ("anchors.ratios=[0.5,0.0]", "> 0"),
+        ("anchors.scales=[0.1,0.2,0.4,0.6]", "6"),
+        ("anchors.ratios=[[0.5],[0.5]]", "anchors.ratios"),
+        ("model.net.head_kernel_size=2", "1 or 3"),
+        ("model.net.weights=/no/such/file.pth", "auto | imagenet | none"),
+        ("model.net.num_classes=1", "model.net.num_classes"),
+        ("model.predict.score_threshold=1.5", "model.predict.score_threshold"),
+        ("model.evaluate.top_k=0", "model.evaluate.top_k"),
+        ("optimizer.lr=-0.1", "optimizer: Invalid learning rate"),
+        ("model.loss.beta=0", "model.loss.beta"),
+        ("model.max_nonfinite_steps=0", "model.max_nonfinite_steps"),
+        ("data.val_size=170", "data.val_size"),
+        ("data.verify=sometimes", "data.verify"),
+        ("augmentation.crop.type=bogus", "augmentation.crop.type"),
+        ("callbacks.prediction_images.every_n_epochs=0", "every_n_epochs"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("data.image_size=256", "data.image_size"),
+        ("ckpt_path=/no/such.ckpt", "ckpt_path"),
+    ],
+)
 def test_bad_values_are_named(override: str, expected: str, tmp_path: Path) -> None:
-    cfg = make_cfg([override], tmp_path / "run")
+    """Whichever check catches it (a constructor or the cross-field validation), a bad value
+    stops the build with a ConfigError naming the key, before anything is trained."""
+    cfg = make_cfg(["model.net.weights=none", "data.preload=false", override], tmp_path / "run")
     with pytest.raises(ConfigError) as err:
-        validate_config(cfg)
+        build(cfg)
     assert expected in str(err.value)
 
 
@@ -134,11 +172,12 @@ def test_unknown_preset_lists_the_options(tmp_path: Path) -> None:
 def test_constructor_errors_become_config_errors() -> None:
     """A ValueError raised by a constructor reaches the user as a ConfigError naming the key,
     not as Hydra's InstantiationException traceback."""
-    from ssd_lightning.config import instantiate_checked
-
     node = OmegaConf.create({"_target_": "ssd_lightning.core.loss.MultiBoxLoss", "neg_ratio": -1})
-    with pytest.raises(ConfigError, match=r"^model\.loss: .*neg_ratio"):
+    with pytest.raises(ConfigError, match=r"^model\.loss\.neg_ratio=-1: allowed"):
         instantiate_checked(node, "model.loss")
+    node = OmegaConf.create({"_target_": "torch.nn.Dropout", "p": 2.0})
+    with pytest.raises(ConfigError, match=r"^model\.head: "):  # a message without a key gets one
+        instantiate_checked(node, "model.head")
 
 
 def test_config_dir_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,19 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MANIFEST, PENNFUDAN
 from omegaconf import OmegaConf
 from torch.utils.data import Subset
 from torchvision import tv_tensors
 
-from ssd_lightning.data.collate import Batch, collate_fn
+from ssd_lightning.config.paths import load_option
+from ssd_lightning.data.batch import Batch, collate_fn
 from ssd_lightning.data.datamodule import PennFudanDataModule
 from ssd_lightning.data.download import DownloadError
-from ssd_lightning.data.manifest import DEFAULT_MANIFEST, DatasetIntegrityError, load_json
-from ssd_lightning.data.transforms import DEFAULT_AUGMENTATION, build_train_transform
+from ssd_lightning.data.manifest import DatasetIntegrityError, load_json
+from ssd_lightning.data.presets import build_train_transform
 from ssd_lightning.visualize import figure_to_png, plot_augmentations
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 S = 300
+SAFE_CROP = load_option("augmentation", "safe_crop")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def dm() -> PennFudanDataModule:
-    m = PennFudanDataModule(batch_size=4, num_workers=0, seed=3)
+    m = PennFudanDataModule(batch_size=4, num_workers=0, seed=3, augmentation=SAFE_CROP)
     m.prepare_data()
     m.setup("fit")
     return m
@@ -47,7 +50,7 @@ def _sample(n_boxes: int, name: str, fallback: int = 0):
 # -- collate -------------------------------------------------------------------------------------
 def test_collate_pads_boxes_with_a_mask():
     b = collate_fn([_sample(2, "a"), _sample(0, "b", 2), _sample(3, "c", 1)])
-    assert [f.name for f in dataclasses.fields(Batch)] == [
+    assert {f.name for f in dataclasses.fields(Batch)} == {
         "images",
         "boxes",
         "labels",
@@ -55,7 +58,7 @@ def test_collate_pads_boxes_with_a_mask():
         "orig_sizes",
         "names",
         "fallback",
-    ]
+    }
     assert b.images.shape == (3, 3, S, S) and b.images.dtype == torch.float32
     assert type(b.images) is torch.Tensor and type(b.boxes) is torch.Tensor
     assert b.boxes.shape == (3, 3, 4) and b.labels.shape == (3, 3) and b.mask.dtype == torch.bool
@@ -122,7 +125,7 @@ def test_other_val_size_is_a_subset_of_the_committed_validation():
 
 
 def test_bad_manifest_names_the_file(tmp_path):
-    man = load_json(DEFAULT_MANIFEST)
+    man = load_json(MANIFEST)
     man["files"][5]["size"] += 1
     bad = tmp_path / "manifest.json"
     bad.write_text(__import__("json").dumps(man))
@@ -145,7 +148,7 @@ def test_prepare_data_downloads_into_missing_root_and_fails_fast_offline(tmp_pat
 
 
 def test_two_workers_draw_different_augmentations():
-    m = PennFudanDataModule(batch_size=1, num_workers=2, seed=0)
+    m = PennFudanDataModule(batch_size=1, num_workers=2, seed=0, augmentation=SAFE_CROP)
     m.setup("fit")
     # the same image four times, one per batch, no shuffle: workers 0 and 1 alternate batches
     loader = m._loader(Subset(m.train_set, [0, 0, 0, 0]), train=False)
@@ -183,7 +186,7 @@ def test_hydra_config_instantiates_the_datamodule(aug):
     cfg = OmegaConf.create(
         {
             "paths": {"data_dir": str(CONF.parent / "data")},
-            "model": {"image_size": S},
+            "model": {"net": {"image_size": S}},
             "seed": 5,
             "augmentation": OmegaConf.load(CONF / "augmentation" / f"{aug}.yaml"),
             "data": OmegaConf.load(CONF / "data" / "pennfudan.yaml"),
@@ -202,7 +205,7 @@ def test_augmentation_figure_renders(dm, tmp_path):
     png = figure_to_png(fig, tmp_path / "fig" / "aug.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     raw = dm.train_set.raw(0)
-    fig2 = plot_augmentations(raw, transform=build_train_transform(DEFAULT_AUGMENTATION, S), n=3)
+    fig2 = plot_augmentations(raw, transform=build_train_transform(SAFE_CROP, S), n=3)
     assert len([ax for ax in fig2.axes if ax.images]) == 3
     with pytest.raises(ValueError, match="transform"):
         plot_augmentations(raw)
@@ -211,14 +214,14 @@ def test_augmentation_figure_renders(dm, tmp_path):
 def test_split_null_evaluates_every_image_of_another_root(tmp_path: Path) -> None:
     import shutil
 
-    from ssd_lightning.data.manifest import DEFAULT_ROOT, mask_name
+    from ssd_lightning.data.manifest import mask_name
 
     root = tmp_path / "my_peds"
     names = ["FudanPed00001.png", "PennPed00005.png", "PennPed00010.png"]
     for sub, files in (("PNGImages", names), ("PedMasks", [mask_name(n) for n in names])):
         (root / sub).mkdir(parents=True)
         for f in files:
-            shutil.copy(Path(DEFAULT_ROOT) / sub / f, root / sub / f)
+            shutil.copy(Path(PENNFUDAN) / sub / f, root / sub / f)
     m = PennFudanDataModule(root=root, split=None, verify="none", batch_size=2, num_workers=0)
     m.setup("validate")
     assert m.train_set is None  # evaluation decodes no training set

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import MANIFEST, PENNFUDAN, SPLIT
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
@@ -18,9 +19,6 @@ from torchvision.ops import masks_to_boxes
 from ssd_lightning.data import download as dl
 from ssd_lightning.data.dataset import DatasetReadError, PennFudanDataset
 from ssd_lightning.data.manifest import (
-    DEFAULT_MANIFEST,
-    DEFAULT_ROOT,
-    DEFAULT_SPLIT,
     DatasetIntegrityError,
     build_manifest,
     build_split,
@@ -33,7 +31,7 @@ from ssd_lightning.data.manifest import (
 
 @pytest.fixture(scope="module")
 def full_ds() -> PennFudanDataset:
-    return PennFudanDataset(DEFAULT_ROOT)
+    return PennFudanDataset(PENNFUDAN)
 
 
 def _write_sample(
@@ -50,13 +48,13 @@ def _write_sample(
 
 # -- manifest ------------------------------------------------------------------------------------
 def test_manifest_covers_images_and_masks_and_quick_check_passes():
-    man = load_json(DEFAULT_MANIFEST)
+    man = load_json(MANIFEST)
     assert man["num_images"] == 170 and len(man["files"]) == 340
-    assert verify_dataset(DEFAULT_ROOT, man) == 340
+    assert verify_dataset(PENNFUDAN, man) == 340
 
 
 def test_full_sha256_check_passes():
-    assert verify_dataset(DEFAULT_ROOT, DEFAULT_MANIFEST, full=True) == 340
+    assert verify_dataset(PENNFUDAN, MANIFEST, full=True) == 340
 
 
 def test_manifest_errors_name_the_file_and_the_fix(tmp_path):
@@ -84,8 +82,8 @@ def test_manifest_errors_name_the_file_and_the_fix(tmp_path):
 
 # -- split ---------------------------------------------------------------------------------------
 def test_committed_split_is_disjoint_complete_and_reproducible():
-    split = load_json(DEFAULT_SPLIT)
-    names = list_image_names(DEFAULT_ROOT)
+    split = load_json(SPLIT)
+    names = list_image_names(PENNFUDAN)
     assert len(names) == 170 and isinstance(split["seed"], int)
     assert len(split["val"]) == 50 and len(split["train"]) == 120
     assert not set(split["val"]) & set(split["train"])
@@ -97,13 +95,13 @@ def test_committed_split_is_disjoint_complete_and_reproducible():
 
 
 def test_other_val_sizes_follow_the_seeded_order():
-    train0, val0 = split_names(DEFAULT_SPLIT, 0)
+    train0, val0 = split_names(SPLIT, 0)
     assert val0 == [] and len(train0) == 170
-    train10, val10 = split_names(DEFAULT_SPLIT, 10)
-    assert len(val10) == 10 and set(val10) <= set(load_json(DEFAULT_SPLIT)["val"])
+    train10, val10 = split_names(SPLIT, 10)
+    assert len(val10) == 10 and set(val10) <= set(load_json(SPLIT)["val"])
     assert len(train10) == 160 and not set(train10) & set(val10)
     with pytest.raises(ValueError, match="val_size"):
-        split_names(DEFAULT_SPLIT, 170)
+        split_names(SPLIT, 170)
 
 
 # -- dataset -------------------------------------------------------------------------------------
@@ -138,7 +136,7 @@ def test_boxes_are_masks_to_boxes_with_exclusive_max(full_ds):
 
 
 def test_instance_masks_on_request():
-    ds = PennFudanDataset(DEFAULT_ROOT, names=["FudanPed00001.png"], with_masks=True)
+    ds = PennFudanDataset(PENNFUDAN, names=["FudanPed00001.png"], with_masks=True)
     img, t = ds[0]
     assert isinstance(t["masks"], tv_tensors.Mask) and t["masks"].shape == (2, *img.shape[-2:])
     torch.testing.assert_close(
@@ -233,6 +231,6 @@ def test_offline_download_fails_fast_with_clear_message(tmp_path, monkeypatch):
 def test_manifest_cli_check(capsys):
     from ssd_lightning.data.manifest import main
 
-    main(["--root", str(DEFAULT_ROOT)])
+    main(["--root", str(PENNFUDAN)])
     assert "340 files OK" in capsys.readouterr().out
-    assert json.loads(DEFAULT_MANIFEST.read_text())["dataset"] == "PennFudanPed"
+    assert json.loads(MANIFEST.read_text())["dataset"] == "PennFudanPed"

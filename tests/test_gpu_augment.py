@@ -3,41 +3,37 @@ that agree within a small tolerance, and the batched photometric ops against tor
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
+from conftest import PENNFUDAN
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from ssd_lightning.config.paths import load_option
+from ssd_lightning.data.batch import plan_collate
+from ssd_lightning.data.datamodule import PennFudanDataModule
 from ssd_lightning.data.dataset import PennFudanDataset
-from ssd_lightning.data.gpu_augment import (
-    PHOTO_SLOTS,
-    GpuAugmenter,
-    GpuPlanDataset,
-    build_plan_dataset,
-    gpu_augment_enabled,
-    photometric,
-    plan_collate,
-)
-from ssd_lightning.data.manifest import DEFAULT_ROOT
-from ssd_lightning.data.transforms import (
-    DEFAULT_AUGMENTATION,
-    ResizeKeepLargest,
-    build_fallbacks,
-    build_train_transform,
-)
+from ssd_lightning.data.gpu.pixels import GpuAugmenter, photometric
+from ssd_lightning.data.gpu.plan import PHOTO_SLOTS, GpuPlanDataset, unplannable_steps
+from ssd_lightning.data.gpu.record import NoGpuKernel
+from ssd_lightning.data.presets import build_fallbacks, build_train_transform
+from ssd_lightning.data.transforms import ResizeKeepLargest
+
+SAFE_CROP = load_option("augmentation", "safe_crop")
 
 S = 160  # smaller than 300 to keep the test fast; the code paths are the same
-NAMES = sorted(p.name for p in (DEFAULT_ROOT / "PNGImages").glob("*.png"))[:12]
+NAMES = sorted(p.name for p in (PENNFUDAN / "PNGImages").glob("*.png"))[:12]
 
 
-def _pair(aug=None, transforms=None, fallbacks=None):
+def _pair(aug=SAFE_CROP, transforms=None, fallbacks=None):
     if transforms is None:
         transforms, fallbacks = build_train_transform(aug, S), build_fallbacks(aug, S)
-    cpu = PennFudanDataset(DEFAULT_ROOT, NAMES, transforms=transforms, fallbacks=fallbacks,
-                           skip_empty=True)
-    gpu = GpuPlanDataset(DEFAULT_ROOT, NAMES, transforms=transforms, fallbacks=fallbacks,
-                         skip_empty=True)
-    return cpu, gpu, GpuAugmenter(gpu)
+    cpu = PennFudanDataset(
+        PENNFUDAN, NAMES, transforms=transforms, fallbacks=fallbacks or [], skip_empty=True
+    )
+    return cpu, GpuPlanDataset(cpu), GpuAugmenter(cpu)
 
 
 def _draw(cpu, gpu, aug, seeds):
@@ -85,7 +81,7 @@ def test_same_boxes_and_close_images_safe_crop() -> None:
 
 def test_geometry_only() -> None:
     """Without photometric work only the resampling filters differ."""
-    aug_cfg = {**DEFAULT_AUGMENTATION, "photometric": None}
+    aug_cfg = {**SAFE_CROP, "photometric": None}
     cpu, gpu, aug = _pair(aug_cfg)
     for img, t, _, t2, batch in _draw(cpu, gpu, aug, range(12)):
         assert torch.equal(t["boxes"], t2["boxes"])
@@ -95,12 +91,20 @@ def test_geometry_only() -> None:
 def test_fallback_stages_match() -> None:
     """A crop step that always loses every box forces fallback 1; if stage 1 loses them too,
     stage 2 (resize-only, largest box) runs - in both paths identically."""
-    drop_all = v2.Compose([v2.ToImage(), v2.RandomHorizontalFlip(0.5), v2.Resize((S, S)),
-                           v2.SanitizeBoundingBoxes(min_size=10_000),
-                           v2.ToDtype(torch.float32, scale=True)])
+    drop_all = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomHorizontalFlip(0.5),
+            v2.Resize((S, S)),
+            v2.SanitizeBoundingBoxes(min_size=10_000),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
     keep = build_train_transform(None, S, with_crop=False)
-    for fallbacks, stage in (([keep, ResizeKeepLargest(S)], 1),
-                             ([drop_all, ResizeKeepLargest(S)], 2)):
+    for fallbacks, stage in (
+        ([keep, ResizeKeepLargest(S)], 1),
+        ([drop_all, ResizeKeepLargest(S)], 2),
+    ):
         cpu, gpu, aug = _pair(transforms=drop_all, fallbacks=fallbacks)
         for img, t, _, t2, batch in _draw(cpu, gpu, aug, range(4)):
             assert t["fallback"] == t2["fallback"] == stage
@@ -126,14 +130,16 @@ def test_batch_of_many_samples() -> None:
 def test_photometric_matches_torchvision_float_kernels() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 24, 20, generator=gen)
-    photo = torch.tensor([
-        [1.1, 0.7, 1.3, 0.04, 1.0],
-        [0.9, 1.0, 1.0, 0.0, 1.4],
-        [1.0, 1.0, 0.6, -0.05, 1.0],
-        [1.0, 1.2, 1.0, 0.0, 1.0],
-        [1.0, 1.0, 1.0, 0.0, 1.0],
-        [0.88, 1.0, 1.45, -0.02, 0.6],
-    ])
+    photo = torch.tensor(
+        [
+            [1.1, 0.7, 1.3, 0.04, 1.0],
+            [0.9, 1.0, 1.0, 0.0, 1.4],
+            [1.0, 1.0, 0.6, -0.05, 1.0],
+            [1.0, 1.2, 1.0, 0.0, 1.0],
+            [1.0, 1.0, 1.0, 0.0, 1.0],
+            [0.88, 1.0, 1.45, -0.02, 0.6],
+        ]
+    )
     perm = torch.tensor([[0, 1, 2], [2, 1, 0], [1, 2, 0], [0, 2, 1], [0, 1, 2], [1, 0, 2]])
     got = photometric(x, photo, perm)
     for i in range(len(x)):
@@ -152,20 +158,40 @@ def test_photometric_matches_torchvision_float_kernels() -> None:
 
 
 def test_unsupported_step_is_a_clear_error() -> None:
-    pad = v2.Compose([v2.ToImage(), v2.RandomZoomOut(p=1.0, side_range=(1.5, 2.0)),
-                      v2.Resize((S, S)), v2.ToDtype(torch.float32, scale=True)])
-    gpu = GpuPlanDataset(DEFAULT_ROOT, NAMES[:1], transforms=pad)
-    with pytest.raises(NotImplementedError, match="gpu_augment=false"):
+    pad = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomZoomOut(p=1.0, side_range=(1.5, 2.0)),
+            v2.Resize((S, S)),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
+    assert unplannable_steps(pad) == ["RandomZoomOut"]
+    gpu = GpuPlanDataset(PennFudanDataset(PENNFUDAN, NAMES[:1], transforms=pad))
+    with pytest.raises(NoGpuKernel, match="gpu_augment=false"):
         gpu[0]
 
 
-def test_option_values() -> None:
-    assert gpu_augment_enabled("auto", True) and not gpu_augment_enabled("auto", False)
-    assert gpu_augment_enabled(True, False) and not gpu_augment_enabled(False, True)
+def test_every_shipped_preset_but_zoom_out_is_plannable() -> None:
+    for name in ("safe_crop", "light", "none"):
+        assert unplannable_steps(build_train_transform(load_option("augmentation", name), S)) == []
+    iou_crop = build_train_transform(load_option("augmentation", "iou_crop"), S)
+    assert unplannable_steps(iou_crop) == ["RandomZoomOut"]
+
+
+def test_datamodule_falls_back_to_the_cpu_path_with_a_log_line(caplog) -> None:
+    dm = PennFudanDataModule(
+        augmentation=load_option("augmentation", "iou_crop"),
+        num_workers=0,
+        gpu_augment=True,
+        preload=False,
+    )
+    with caplog.at_level(logging.INFO):
+        assert not dm._use_gpu_path()
+    assert "RandomZoomOut" in caplog.text and "CPU data path" in caplog.text
+    assert PennFudanDataModule(num_workers=0, gpu_augment=True, preload=False)._use_gpu_path()
     with pytest.raises(ValueError, match="data.gpu_augment"):
-        gpu_augment_enabled("yes", True)
-    ds = build_plan_dataset(DEFAULT_ROOT, NAMES[:2], None, S)
-    assert isinstance(ds, GpuPlanDataset) and len(ds) == 2
+        PennFudanDataModule(gpu_augment="yes")
 
 
 def test_datamodule_gpu_augment_option_in_a_lightning_fit() -> None:
@@ -173,10 +199,8 @@ def test_datamodule_gpu_augment_option_in_a_lightning_fit() -> None:
     device, the DataModule's ``on_after_batch_transfer`` turns it into a Batch."""
     import lightning as L
 
-    from ssd_lightning.core.anchors import load_preset
     from ssd_lightning.core.ssd import SSD
-    from ssd_lightning.data.datamodule import PennFudanDataModule
-    from ssd_lightning.lit_module import SSDLitModule
+    from ssd_lightning.training.lit_module import SSDLitModule
 
     seen = []
 
@@ -184,12 +208,20 @@ def test_datamodule_gpu_augment_option_in_a_lightning_fit() -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append((type(batch).__name__, tuple(batch.images.shape)))
 
-    net = SSD(load_preset("tall_skinny"), image_size=128, weights="none")
-    dm = PennFudanDataModule(image_size=128, batch_size=2, num_workers=0, val_size=0,
-                             gpu_augment=True)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Spy()])
+    net = SSD(load_option("anchors", "tall_skinny"), image_size=128, weights="none")
+    dm = PennFudanDataModule(
+        image_size=128, batch_size=2, num_workers=0, val_size=0, gpu_augment=True
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Spy()],
+    )
     trainer.fit(SSDLitModule(net), datamodule=dm)
     assert seen == [("Batch", (2, 3, 128, 128))] * 2
     assert torch.isfinite(trainer.callback_metrics["train/loss_epoch"])

@@ -3,11 +3,11 @@
 import torch
 from torchvision.ops import box_iou
 
+from ssd_lightning.config.paths import load_option
 from ssd_lightning.core import SSD, MultiBoxLoss
-from ssd_lightning.core.anchors import load_preset
-from ssd_lightning.data.collate import collate_fn
+from ssd_lightning.data.batch import collate_fn
 from ssd_lightning.data.dataset import PennFudanDataset
-from ssd_lightning.data.transforms import build_eval_transform
+from ssd_lightning.data.presets import build_eval_transform
 
 DATA = "data/PennFudanPed"
 NAMES = ["FudanPed00001.png", "FudanPed00002.png", "PennPed00010.png", "PennPed00020.png"]
@@ -33,7 +33,7 @@ def test_model_learns_to_find_every_pedestrian():
     dataset = PennFudanDataset(DATA, NAMES, transforms=build_eval_transform(300))
     batch = collate_fn([dataset[i] for i in range(len(dataset))])
     total = batch.mask.sum(1).tolist()
-    model = SSD(load_preset("tall_skinny"), weights="none")
+    model = SSD(load_option("anchors", "tall_skinny"), weights="none")
     criterion = MultiBoxLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     gt = batch.boxes / 300  # xyxy normalized

@@ -1,5 +1,5 @@
 """`python -m ssd_lightning.summarize` on a real 2-job multirun made here (which also checks that
-the default callbacks write the FigureLogger's PNGs into each job dir) plus fake failed jobs."""
+the default callbacks write the prediction figures into each job dir) plus fake failed jobs."""
 
 from __future__ import annotations
 
@@ -12,33 +12,38 @@ import pytest
 from conftest import run_cli, tiny
 from PIL import Image
 
-from ssd_lightning.summarize import FAILED, OK, find_jobs, main, sort_jobs, summarize
+from ssd_lightning.tools.summarize import FAILED, OK, find_jobs, main, sort_jobs, summarize
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("sweep")
     sweep = tmp / "multirun"
-    r = run_cli("ssd_lightning.train", "-m", "anchors=tall_skinny,ssd",
-                *tiny(trainer__limit_train_batches=1),
-                "callbacks.figures.max_images=2",  # the FigureLogger of conf/callbacks/default.yaml
-                f"hydra.sweep.dir={sweep}", f"paths.log_dir={tmp / 'logs'}")
+    r = run_cli(
+        "ssd_lightning.train",
+        "-m",
+        "anchors=tall_skinny,ssd",
+        *tiny(trainer__limit_train_batches=1),
+        f"hydra.sweep.dir={sweep}",
+        f"paths.log_dir={tmp / 'logs'}",
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     # a third job that crashed: Hydra made its dir and log, the fit never wrote metrics.json
     failed = sweep / "2"
     (failed / ".hydra").mkdir(parents=True)
     overrides = (sweep / "1" / ".hydra" / "overrides.yaml").read_text()
     (failed / ".hydra" / "overrides.yaml").write_text(
-        overrides.replace("anchors=ssd", "anchors=dense_tall"))
+        overrides.replace("anchors=ssd", "anchors=dense_tall")
+    )
     (failed / "train.log").write_text(
         "[2026-01-01 10:00:00,000][__main__][INFO] - run dir: x\n"
         "[2026-01-01 10:00:05,000][__main__][ERROR] - training crashed\n"
-        "RuntimeError: CUDA out of memory\n")
+        "RuntimeError: CUDA out of memory\n"
+    )
     # a fourth whose metrics.json exists but Hydra recorded the job as failed
     stale = sweep / "3"
     shutil.copytree(sweep / "1", stale)
-    (stale / "job_status.json").write_text(
-        '{"status": "FAILED", "error": "ValueError: bad ratio"}')
+    (stale / "job_status.json").write_text('{"status": "FAILED", "error": "ValueError: bad ratio"}')
     return sweep
 
 
@@ -75,17 +80,25 @@ def test_jobs_read_and_sorted(sweep: Path) -> None:
     assert [j.name for j in by_loss_desc[:2]] == [j.name for j in by_loss[:2]][::-1]
 
 
-def test_cli_writes_table_csv_markdown_and_chart(sweep: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture) -> None:
-    assert main([str(sweep), "--metric", "train/loss", "--out", str(tmp_path / "out")]) == 0
+def test_cli_writes_table_csv_markdown_and_chart(
+    sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    main([str(sweep), "--metric", "train/loss", "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert "2 failed job(s): 2, 3" in printed and "dense_tall" in printed
     assert "common overrides:" in printed and "data.batch_size=2" in printed
     with (tmp_path / "out" / "summary.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [r["status"] for r in table] == ["ok", "ok", "failed", "failed"]
-    assert {"anchors", "val/map_50", "val/map", "train/loss", "epochs", "wall_s",
-            "data.batch_size"} <= set(table[0])
+    assert {
+        "anchors",
+        "val/map_50",
+        "val/map",
+        "train/loss",
+        "epochs",
+        "wall_s",
+        "data.batch_size",
+    } <= set(table[0])
     assert float(table[0]["train/loss"]) <= float(table[1]["train/loss"])
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "| rank | job | status | anchors |" in md and "| failed |" in md
@@ -101,9 +114,9 @@ def test_default_metric_and_out_dir(sweep: Path, tmp_path: Path) -> None:
     assert jobs[-1].status == FAILED
 
 
-def test_missing_dir_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main([str(tmp_path / "nope")]) == 2
-    assert "nope does not exist" in capsys.readouterr().err
+def test_missing_dir_is_a_clear_error(tmp_path: Path) -> None:
+    r = run_cli("ssd_lightning.summarize", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "nope does not exist" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "empty").mkdir()
-    assert main([str(tmp_path / "empty")]) == 2
-    assert "no Hydra job dirs" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no Hydra job dirs"):
+        main([str(tmp_path / "empty")])

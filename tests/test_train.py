@@ -14,8 +14,9 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.data import DataLoader
 
 from ssd_lightning.core.loss import MultiBoxLoss
-from ssd_lightning.core.ssd import SSD, load_model
+from ssd_lightning.core.ssd import SSD
 from ssd_lightning.train import train
+from ssd_lightning.training.checkpoint import load_model
 
 
 def _finite(metrics: dict, *keys: str) -> None:
@@ -26,12 +27,29 @@ def _finite(metrics: dict, *keys: str) -> None:
 
 def test_fast_dev_run_default_model(tmp_path: Path) -> None:
     """debug=fdr on the real data with the default 300 px model."""
-    cfg = make_cfg(["debug=fdr", "model.net.weights=none", "data.batch_size=2",
-                    "trainer.enable_progress_bar=false"], tmp_path / "run")
+    cfg = make_cfg(
+        [
+            "debug=fdr",
+            "model.net.weights=none",
+            "data.batch_size=2",
+            "trainer.enable_progress_bar=false",
+        ],
+        tmp_path / "run",
+    )
     metrics = train(cfg)
     assert metrics["global_step"] == 1
-    _finite(metrics, "train/loss", "train/loss_box", "train/loss_cls", "train/num_pos",
-            "train/accuracy", "train/box_mae", "train/fallback_rate", "val/loss", "val/map_50")
+    _finite(
+        metrics,
+        "train/loss",
+        "train/loss_box",
+        "train/loss_cls",
+        "train/num_pos",
+        "train/accuracy",
+        "train/box_mae",
+        "train/fallback_rate",
+        "val/loss",
+        "val/map_50",
+    )
     assert metrics["train/num_pos"] > 0
 
 
@@ -45,7 +63,7 @@ def test_run_dir_contents(tiny_run: dict) -> None:
     assert saved["global_step"] == 4 and saved["best_monitor"] == "val/map_50"
     _finite(saved, "train/loss", "val/loss", "val/map", "val/map_50", "val/map_75", "val/mar_100")
     # the exported model loads without Lightning and equals the best checkpoint's network
-    net = load_model(run / "ssd_resnet34_pennfudan_best.pt")
+    net, _ = load_model(run / "ssd_resnet34_pennfudan_best.pt")
     state = torch.load(best[0], map_location="cpu", weights_only=True)["state_dict"]
     for k, v in net.state_dict().items():
         torch.testing.assert_close(v, state[f"net.{k}"])
@@ -53,13 +71,27 @@ def test_run_dir_contents(tiny_run: dict) -> None:
 
 
 def test_tensorboard_events(tiny_run: dict) -> None:
-    acc = ea.EventAccumulator(str(tiny_run["dir"] / "tensorboard"),
-                              size_guidance={ea.IMAGES: 0, ea.SCALARS: 0, ea.TENSORS: 0})
+    acc = ea.EventAccumulator(
+        str(tiny_run["dir"] / "tensorboard"),
+        size_guidance={ea.IMAGES: 0, ea.SCALARS: 0, ea.TENSORS: 0},
+    )
     acc.Reload()
     tags = acc.Tags()
-    for tag in ["train/loss_epoch", "train/loss_box", "train/loss_cls", "train/num_pos",
-                "train/accuracy", "train/box_mae", "train/fallback_rate", "val/loss", "val/map",
-                "val/map_50", "val/map_75", "val/mar_100", "lr-Adam"]:
+    for tag in [
+        "train/loss_epoch",
+        "train/loss_box",
+        "train/loss_cls",
+        "train/num_pos",
+        "train/accuracy",
+        "train/box_mae",
+        "train/fallback_rate",
+        "val/loss",
+        "val/map",
+        "val/map_50",
+        "val/map_75",
+        "val/mar_100",
+        "lr-Adam",
+    ]:
         assert tag in tags["scalars"], tag
     assert len(acc.Scalars("val/map_50")) == 2  # one per epoch
     assert "val/predictions" in tags["images"]
@@ -84,11 +116,13 @@ def test_resume_continues_exactly(tiny_run: dict, tmp_path: Path) -> None:
     last = tiny_run["dir"] / "checkpoints" / "last.ckpt"
     before = torch.load(last, map_location="cpu", weights_only=True)
     assert before["global_step"] == 4
-    metrics = train(make_cfg(tiny(f"ckpt_path={last}", trainer__max_epochs=3),
-                             tmp_path / "resumed"))
+    metrics = train(
+        make_cfg(tiny(f"ckpt_path={last}", trainer__max_epochs=3), tmp_path / "resumed")
+    )
     assert metrics["global_step"] == 6  # 2 epochs x 2 steps before, 1 epoch x 2 steps now
-    after = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=True)
+    after = torch.load(
+        tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     assert after["epoch"] == 2 and after["global_step"] == 6
     # Adam's step counter continued from the checkpoint (optimizer state restored, not fresh)
     adam_state = next(iter(after["optimizer_states"][0]["state"].values()))
@@ -122,30 +156,55 @@ class _NaNLoss(MultiBoxLoss):
 
 
 def _synthetic_loader(n: int = 4) -> DataLoader:
-    from ssd_lightning.data.collate import Batch
+    from ssd_lightning.data.batch import Batch
 
     g = torch.Generator().manual_seed(0)
-    batches = [Batch(images=torch.rand(2, 3, 64, 64, generator=g),
-                     boxes=torch.tensor([[[10.0, 4.0, 30.0, 60.0]], [[30.0, 10.0, 50.0, 50.0]]]),
-                     labels=torch.ones(2, 1, dtype=torch.int64), mask=torch.ones(2, 1, dtype=bool),
-                     orig_sizes=torch.tensor([[64, 64], [64, 64]]), names=["a", "b"],
-                     fallback=torch.zeros(2, dtype=torch.int64)) for _ in range(n)]
+    batches = [
+        Batch(
+            images=torch.rand(2, 3, 64, 64, generator=g),
+            boxes=torch.tensor([[[10.0, 4.0, 30.0, 60.0]], [[30.0, 10.0, 50.0, 50.0]]]),
+            labels=torch.ones(2, 1, dtype=torch.int64),
+            mask=torch.ones(2, 1, dtype=bool),
+            orig_sizes=torch.tensor([[64, 64], [64, 64]]),
+            names=["a", "b"],
+            fallback=torch.zeros(2, dtype=torch.int64),
+        )
+        for _ in range(n)
+    ]
     return DataLoader(batches, batch_size=None)
 
 
 def _fit_with_nan(nan_calls: set[int], max_nonfinite_steps: int = 10, fused: bool = True):
     import lightning as L
 
-    from ssd_lightning.lit_module import SSDLitModule
+    from ssd_lightning.training.lit_module import SSDLitModule
 
     torch.manual_seed(0)
-    net = SSD({"name": "tall_skinny", "scales": [0.1, 0.2, 0.375, 0.55, 0.725, 0.9, 1.075],
-               "ratios": [0.5, 0.33, 0.25], "extra_square": True}, image_size=64, weights="none")
-    module = SSDLitModule(net, _NaNLoss(nan_calls), max_nonfinite_steps=max_nonfinite_steps,
-                          optimizer=lambda params: torch.optim.Adam(params, fused=fused))
+    net = SSD(
+        {
+            "name": "tall_skinny",
+            "scales": [0.1, 0.2, 0.375, 0.55, 0.725, 0.9, 1.075],
+            "ratios": [0.5, 0.33, 0.25],
+            "extra_square": True,
+        },
+        image_size=64,
+        weights="none",
+    )
+    module = SSDLitModule(
+        net,
+        _NaNLoss(nan_calls),
+        max_nonfinite_steps=max_nonfinite_steps,
+        optimizer=lambda params: torch.optim.Adam(params, fused=fused),
+    )
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return module, before, trainer
 
 
@@ -166,7 +225,7 @@ def test_nonfinite_loss_skips_the_update(fused: bool) -> None:
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-no-sync", "sync"])
 def test_nonfinite_loss_stops_when_persistent(fused: bool) -> None:
-    from ssd_lightning.lit_module import NonFiniteLossError
+    from ssd_lightning.training.lit_module import NonFiniteLossError
 
     module, _, trainer = _fit_with_nan({0, 1, 2, 3}, max_nonfinite_steps=3, fused=fused)
     with pytest.raises(NonFiniteLossError, match="[34] consecutive steps"):
@@ -175,9 +234,14 @@ def test_nonfinite_loss_stops_when_persistent(fused: bool) -> None:
 
 def test_multirun_over_anchors(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    r = run_cli("ssd_lightning.train", "-m", "anchors=tall_skinny,ssd",
-                *tiny(trainer__limit_train_batches=1), f"hydra.sweep.dir={sweep}",
-                f"paths.log_dir={tmp_path / 'logs'}")
+    r = run_cli(
+        "ssd_lightning.train",
+        "-m",
+        "anchors=tall_skinny,ssd",
+        *tiny(trainer__limit_train_batches=1),
+        f"hydra.sweep.dir={sweep}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["0", "1"]
@@ -192,8 +256,13 @@ def test_multirun_over_anchors(tmp_path: Path) -> None:
 
 def test_ddp_cpu_two_processes_one_run_dir(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    r = run_cli("ssd_lightning.train", "trainer=ddp_cpu", *tiny(), f"hydra.run.dir={run}",
-                f"paths.log_dir={tmp_path / 'logs'}")
+    r = run_cli(
+        "ssd_lightning.train",
+        "trainer=ddp_cpu",
+        *tiny(),
+        f"hydra.run.dir={run}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no stray dirs from rank 1
     assert (run / "train_ddp_process_1.log").is_file()  # rank 1 ran inside the parent's run dir
@@ -206,9 +275,15 @@ def test_ddp_cpu_inside_a_sweep(tmp_path: Path) -> None:
     """Each job of a -m sweep starts its own rank-1 process, which joins that job's dir and runs
     that job's overrides (not the whole sweep again)."""
     sweep = tmp_path / "sweep"
-    r = run_cli("ssd_lightning.train", "-m", "anchors=tall_skinny,ssd", "trainer=ddp_cpu",
-                *tiny(trainer__limit_train_batches=1), f"hydra.sweep.dir={sweep}",
-                f"paths.log_dir={tmp_path / 'logs'}")
+    r = run_cli(
+        "ssd_lightning.train",
+        "-m",
+        "anchors=tall_skinny,ssd",
+        "trainer=ddp_cpu",
+        *tiny(trainer__limit_train_batches=1),
+        f"hydra.sweep.dir={sweep}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
     for job, anchors in [("0", "tall_skinny"), ("1", "ssd")]:

@@ -8,22 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import PENNFUDAN
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ssd_lightning.data.dataset import PennFudanDataset
-from ssd_lightning.data.manifest import DEFAULT_ROOT
+from ssd_lightning.data.dataset import DetectionDataset, PennFudanDataset
+from ssd_lightning.data.presets import build_eval_transform, build_fallbacks, build_train_transform
 from ssd_lightning.data.transforms import (
-    DEFAULT_AUGMENTATION,
     BoundedRandomIoUCrop,
     ResizeKeepLargest,
     SafeBoxCenteredCrop,
-    build_eval_transform,
-    build_fallbacks,
-    build_train_transform,
 )
 
 S = 300
@@ -38,21 +35,22 @@ def preset(name: str) -> dict:
 
 
 def train_ds(aug: dict | None = None) -> PennFudanDataset:
+    aug = preset("safe_crop") if aug is None else aug
     return PennFudanDataset(
-        DEFAULT_ROOT,
+        PENNFUDAN,
         transforms=build_train_transform(aug, S),
         fallbacks=build_fallbacks(aug, S),
         skip_empty=True,
     )
 
 
-class SyntheticDataset(PennFudanDataset):
+class SyntheticDataset(DetectionDataset):
     """In-memory samples through the real __getitem__ (pipeline + fallback)."""
 
-    def __init__(self, samples, transforms, fallbacks):  # noqa: D107 - no files
-        self.samples, self.transforms, self.fallbacks = samples, transforms, list(fallbacks)
+    def __init__(self, samples, transforms, fallbacks):
+        super().__init__(transforms, fallbacks)
+        self.samples = samples
         self.names = [f"synthetic{i}.png" for i in range(len(samples))]
-        self.with_masks, self.empty = False, []
 
     def raw(self, index):
         img, boxes = self.samples[index]
@@ -76,12 +74,8 @@ def check_train_sample(img: Tensor, t: dict) -> None:
 
 
 # -- presets -------------------------------------------------------------------------------------
-def test_safe_crop_yaml_matches_the_code_default():
-    assert preset("safe_crop") == DEFAULT_AUGMENTATION
-
-
 def test_safe_crop_pipeline_order():
-    aug = dict(DEFAULT_AUGMENTATION, photometric_after_resize=False)
+    aug = dict(preset("safe_crop"), photometric_after_resize=False)
     names = [type(t).__name__ for t in build_train_transform(aug, S).transforms]
     assert names == [
         "ToImage",
@@ -99,9 +93,11 @@ def test_safe_crop_pipeline_order():
         "Identity",
     ]
     assert choice.p == pytest.approx([0.5, 0.3, 0.2])
-    fast = [type(t).__name__ for t in build_train_transform(None, S).transforms]
+    fast = [type(t).__name__ for t in build_train_transform(preset("safe_crop"), S).transforms]
     assert fast.index("RandomPhotometricDistort") == fast.index("Resize") + 1
-    assert "RandomChoice" not in [type(t).__name__ for t in build_fallbacks(None, S)[0].transforms]
+    assert "RandomChoice" not in [
+        type(t).__name__ for t in build_fallbacks(preset("safe_crop"), S)[0].transforms
+    ]
     assert [type(t).__name__ for t in build_eval_transform(S).transforms] == [
         "ToImage",
         "Resize",
@@ -195,8 +191,8 @@ def check_crop(t: SafeBoxCenteredCrop, img: Tensor, boxes: Tensor) -> dict:
 
 
 def test_crop_invariants_on_real_images():
-    ds = PennFudanDataset(DEFAULT_ROOT)
-    crop = SafeBoxCenteredCrop(**DEFAULT_AUGMENTATION["crop"]["safe_box"])
+    ds = PennFudanDataset(PENNFUDAN)
+    crop = SafeBoxCenteredCrop(**preset("safe_crop")["crop"]["safe_box"])
     torch.manual_seed(3)
     accepted = tries = calls = 0
     for i in range(len(ds)):
@@ -278,7 +274,7 @@ def test_adversarial_samples_finish_and_keep_guarantees(case):
     else:
         img, boxes = torch.zeros(3, 2000, 2000), torch.tensor([[1500.0, 1500, 1501, 1501]])
     img = (img * 255).to(torch.uint8)
-    crop = SafeBoxCenteredCrop(**DEFAULT_AUGMENTATION["crop"]["safe_box"])
+    crop = SafeBoxCenteredCrop(**preset("safe_crop")["crop"]["safe_box"])
     torch.manual_seed(0)
     for _ in range(50):
         check_crop(crop, img, boxes)
@@ -362,7 +358,7 @@ class DropAllBoxes(v2.Transform):
 def test_fallback_stage_1_reruns_without_the_crop():
     img = (torch.rand(3, 240, 320) * 255).to(torch.uint8)
     boxes = torch.tensor([[20.0, 30, 80, 200], [150, 40, 260, 230]])
-    aug = DEFAULT_AUGMENTATION
+    aug = preset("safe_crop")
     emptying = v2.Compose([DropAllBoxes(), *build_train_transform(aug, S).transforms[1:]])
     ds = SyntheticDataset([(img, boxes)], emptying, build_fallbacks(aug, S))
     for seed in range(5):
@@ -378,7 +374,11 @@ def test_fallback_stage_2_keeps_the_largest_box():
     # pipeline and its no-crop re-run are both empty, whatever the draw
     img = torch.zeros(3, 3000, 3000, dtype=torch.uint8)
     boxes = torch.tensor([[100.0, 100, 101, 101], [2000, 1000, 2003, 1003]])
-    ds = SyntheticDataset([(img, boxes)], build_train_transform(None, S), build_fallbacks(None, S))
+    ds = SyntheticDataset(
+        [(img, boxes)],
+        build_train_transform(preset("safe_crop"), S),
+        build_fallbacks(preset("safe_crop"), S),
+    )
     for seed in range(5):
         torch.manual_seed(seed)
         out, t = ds[0]

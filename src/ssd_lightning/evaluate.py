@@ -18,16 +18,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
+import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ssd_lightning.config import (
-    ConfigError,
-    config_path_or_exit,
-    instantiate_checked,
-    run_task,
-    validate_config,
-)
+from ssd_lightning.config.cli import hydra_main
+from ssd_lightning.config.compose import instantiate_checked
+from ssd_lightning.training.checkpoint import load_model
+from ssd_lightning.training.lit_module import SSDLitModule
+from ssd_lightning.training.run_outputs import write_metrics_json
 
 log = logging.getLogger(__name__)
 
@@ -62,46 +60,36 @@ def format_table(metrics: dict[str, Any]) -> str:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on the configured data; returns the COCO metrics (also written
     to ``cfg.output``)."""
-    import lightning as L
-
-    from ssd_lightning.callbacks import write_metrics_json
-    from ssd_lightning.lit_module import SSDLitModule, load_net
-
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
-    if not ckpt.is_file():
-        raise ConfigError(f"ckpt_path={ckpt}: no such file (a .ckpt from <run>/checkpoints/ or an "
-                          "exported ssd_resnet34_pennfudan_best.pt)")
-    try:
-        net, info = load_net(ckpt)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    net, _ = load_model(ckpt)
     with open_dict(cfg):  # the images must match the network's input size
-        cfg.model.net.image_size = int(net.image_size)
         cfg.data.image_size = int(net.image_size)
-    validate_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed))
-    datamodule = instantiate_checked(cfg.data, "data")
     module = SSDLitModule(
         net=net,
         loss=instantiate_checked(cfg.model.loss, "model.loss"),
-        predict=info.get("predict"),
         evaluate=OmegaConf.to_container(cfg.model.evaluate),
     )
+    datamodule = instantiate_checked(cfg.data, "data")
     trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=[])
+    datamodule.prepare_data()  # verify (and with data.download=true fetch) the images
     datamodule.setup("validate")
-    use_val = int(cfg.data.get("val_size", 1)) > 0
+    every_image = cfg.data.get("split") is None
+    use_val = every_image or int(cfg.data.get("val_size", 1)) > 0
     loader = datamodule.val_dataloader() if use_val else datamodule.test_dataloader()
     if not use_val:
         log.warning("data.val_size=0: evaluating on every image, including the training images")
     results = trainer.validate(module, dataloaders=loader, verbose=False)
-    metrics: dict[str, Any] = dict(module.last_map)
-    metrics = {k: v for k, v in metrics.items() if not k.endswith("_per_class")}
+    metrics: dict[str, Any] = {
+        k: v for k, v in module.last_map.items() if not k.endswith("_per_class")
+    }
     if results and "val/loss" in results[0]:
         metrics["val/loss"] = float(results[0]["val/loss"])
+    split = f"all images of {datamodule.root}" if every_image else ("val" if use_val else "all")
     metrics.update(
         checkpoint=str(ckpt),
-        split="val" if use_val else "all",
+        split=split,
         num_images=len(loader.dataset),
         anchors=str(net.config.get("anchors", {}).get("name", "?")),
         image_size=int(net.image_size),
@@ -109,19 +97,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     if trainer.is_global_zero:
         out = write_metrics_json(cfg.output, metrics)
-        print(f"\nCOCO bbox metrics, {metrics['num_images']} images ({metrics['split']}), {ckpt}:")
+        print(f"\nCOCO bbox metrics, {metrics['num_images']} images ({split}), {ckpt}:")
         print(format_table(metrics))
         print(f"written to {out}")
     return metrics
 
 
-def _run(cfg: DictConfig) -> None:
-    run_task(evaluate, cfg)
-
-
-def main() -> None:
-    path = config_path_or_exit()
-    hydra.main(version_base="1.3", config_path=path, config_name="evaluate")(_run)()
+main = hydra_main("evaluate", evaluate)
 
 
 if __name__ == "__main__":

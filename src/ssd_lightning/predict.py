@@ -1,12 +1,13 @@
 """Detect pedestrians in any photo: ``python -m ssd_lightning.predict ckpt_path=... input=...``.
 
-``input`` is one image or a folder of images (JPEG, PNG, BMP, WebP, TIFF; any size; grayscale,
-palette, RGBA and 16-bit images are converted to RGB; EXIF orientation is applied, as phones
-store it). ``ckpt_path`` is a Lightning ``.ckpt`` or the exported
-``ssd_resnet34_pennfudan_best.pt`` (no Lightning needed for the latter).
+``input`` is one image or a folder of images (JPEG, PNG, BMP, WebP, TIFF, GIF; any size;
+grayscale, palette, RGBA and 16-bit images are converted to RGB; EXIF orientation is applied, as
+phones store it). ``ckpt_path`` is a Lightning ``.ckpt`` or the exported
+``ssd_resnet34_pennfudan_best.pt``; this tool imports no Lightning.
 
 Writes ``<output_dir>/<name>_pred.<ext>`` with the boxes drawn and ``<output_dir>/detections.json``
-with, per image, its size and the detections: boxes xyxy in original image pixels, scores, labels.
+with, per image, its size and the detections: boxes xyxy in original image pixels, scores, labels
+and class names. Files that cannot be read are skipped and listed under ``skipped``.
 
 Examples::
 
@@ -20,80 +21,77 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import hydra
-import numpy as np
 import torch
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from ssd_lightning.config import ConfigError, config_path_or_exit, exit_with_error
+from ssd_lightning.config.cli import hydra_main
+from ssd_lightning.core.postprocess import check_thresholds
 from ssd_lightning.data.dataset import CLASS_NAMES
+from ssd_lightning.data.images import IMAGE_SUFFIXES, InputError, read_rgb
+from ssd_lightning.data.presets import build_eval_transform
+from ssd_lightning.training.checkpoint import load_model
+from ssd_lightning.visualize import draw_detections
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+PRED_SUFFIX = "_pred"  # <stem>_pred.<ext>: a drawn output, never an input of a re-run into it
 
 
-class InputError(ValueError):
-    """A missing or unreadable input; the message names it."""
-
-
-def list_inputs(path: str | Path) -> list[Path]:
-    """One image file, or the image files of a folder (sorted, not recursive)."""
+def list_inputs(path: str | Path, output_dir: Path | None = None) -> list[Path]:
+    """One image file, or the image files of a folder (sorted, not recursive). When the folder
+    is also the output dir, the drawn outputs of an earlier run there are left out."""
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"input={path}: no such file or folder")
     if path.is_file():
         return [path]
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if output_dir is not None and output_dir.resolve() == path.resolve():
+        earlier = [p for p in files if p.stem.endswith(PRED_SUFFIX)]
+        if earlier:
+            log.info("input=%s: %d earlier *%s outputs left out", path, len(earlier), PRED_SUFFIX)
+        files = [p for p in files if not p.stem.endswith(PRED_SUFFIX)]
     if not files:
-        raise InputError(f"input={path}: the folder holds no images "
-                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise InputError(
+            f"input={path}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
     return files
-
-
-def read_rgb(path: str | Path) -> torch.Tensor:
-    """Any image file -> uint8 (3, H, W) RGB, EXIF orientation applied."""
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float grayscale
-                arr = np.asarray(im, dtype=np.float32)
-                top = 65535.0 if arr.max() > 255 else 255.0
-                im = Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8))
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                # transparent areas become white, not whatever colour hides under alpha 0
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(background, im)
-            rgb = np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise InputError(f"input {path}: cannot read it as an image ({e})") from e
-    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
-
-
-def check_thresholds(score_threshold: float | None, nms_threshold: float | None,
-                     top_k: int | None) -> None:
-    """None = the model's own value; anything else must make sense."""
-    checks = (("score_threshold", score_threshold, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-              ("nms_threshold", nms_threshold, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-              ("top_k", top_k, lambda v: int(v) == v and v >= 1, "an integer >= 1"))
-    for key, value, ok, allowed in checks:
-        if value is not None and not (isinstance(value, int | float) and ok(value)):
-            raise InputError(f"{key}={value!r}: allowed values are {allowed}")
 
 
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise InputError(f"device={name!r}: allowed values are auto, cpu, cuda, cuda:<n>") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device={name}: no CUDA GPU is available here; use device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device={name}: only {torch.cuda.device_count()} GPU(s) here")
+    elif device.type != "cpu":
+        raise InputError(f"device={name!r}: allowed values are auto, cpu, cuda, cuda:<n>")
+    return device
+
+
+def _output_dir(path: str | Path) -> Path:
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output_dir={out}: is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"output_dir={out}: cannot create it ({e.strerror})") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"output_dir={out}: not writable")
+    return out
 
 
 def predict(
@@ -111,31 +109,29 @@ def predict(
 
     Returns the JSON content. Thresholds default to those stored with the model.
     """
-    from ssd_lightning.callbacks import draw_detections
-    from ssd_lightning.data.transforms import build_eval_transform
-    from ssd_lightning.lit_module import PREDICT_DEFAULTS, load_net
-
-    files = list_inputs(inputs)
-    check_thresholds(score_threshold, nms_threshold, top_k)
+    given = {"score_threshold": score_threshold, "nms_threshold": nms_threshold, "top_k": top_k}
+    try:
+        given = check_thresholds({k: v for k, v in given.items() if v is not None}, "predict")
+    except ValueError as e:
+        raise InputError(str(e).removeprefix("predict.")) from None
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InputError(f"batch_size={batch_size!r}: allowed values are integers >= 1")
+    out_dir = _output_dir(output_dir)
+    files = list_inputs(inputs, out_dir)
     dev = _device(device)
-    net, info = load_net(ckpt_path, map_location=dev)
-    thresholds = {**PREDICT_DEFAULTS, **dict(info.get("predict") or {})}
-    for key, value in (("score_threshold", score_threshold), ("nms_threshold", nms_threshold),
-                       ("top_k", top_k)):
-        if value is not None:
-            thresholds[key] = value
+    net, info = load_model(ckpt_path, map_location=dev)
+    thresholds = {**info["predict"], **given}
+    class_names = list(info.get("class_names") or CLASS_NAMES)
     size = int(net.image_size)
     transform = build_eval_transform(size)  # the validation preprocessing: resize to (S, S)
-    out_dir = Path(output_dir).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
     single = len(files) == 1 and Path(inputs).expanduser().is_file()
     stems = Counter(f.stem for f in files)
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
 
-    for start in range(0, len(files), max(1, batch_size)):
+    for start in range(0, len(files), batch_size):
         images, originals, names = [], [], []
-        for f in files[start:start + batch_size]:
+        for f in files[start : start + batch_size]:
             try:
                 img = read_rgb(f)
             except InputError as e:
@@ -150,29 +146,39 @@ def predict(
         if not images:
             continue
         batch = torch.stack(images).to(dev)  # (B,3,S,S) float [0,1]
-        orig_sizes = torch.tensor([list(o.shape[-2:]) for o in originals], device=dev)  # (B,2) h,w
+        orig_sizes = torch.tensor([list(o.shape[-2:]) for o in originals], device=dev)  # (B,2) hw
         dets = net.detect(batch, orig_sizes, **thresholds)  # boxes xyxy in original pixels
         for f, orig, det in zip(names, originals, dets, strict=True):
+            det = {k: v.cpu() for k, v in det.items()}
             h, w = orig.shape[-2:]
             record: dict[str, Any] = {
                 "file": str(f),
                 "height": int(h),
                 "width": int(w),
                 "detections": [
-                    {"box_xyxy": [round(float(v), 2) for v in box], "score": round(float(s), 4),
-                     "label": int(lab),
-                     "class": CLASS_NAMES[int(lab)] if int(lab) < len(CLASS_NAMES) else str(lab)}
-                    for box, s, lab in zip(det["boxes"].tolist(), det["scores"].tolist(),
-                                           det["labels"].tolist(), strict=True)
+                    {
+                        "box_xyxy": [round(float(v), 2) for v in box],
+                        "score": round(float(s), 4),
+                        "label": int(lab),
+                        "class": class_names[lab] if lab < len(class_names) else str(lab),
+                    }
+                    for box, s, lab in zip(
+                        det["boxes"].tolist(),
+                        det["scores"].tolist(),
+                        det["labels"].tolist(),
+                        strict=True,
+                    )
                 ],
             }
             if draw:
                 width = max(2, round(max(h, w) / 300))
-                drawn = draw_detections(orig, {k: v.cpu() for k, v in det.items()}, width=width)
+                drawn = draw_detections(
+                    orig, det, class_names=class_names, width=width, show_class=len(class_names) > 2
+                )
                 suffix = ".jpg" if f.suffix.lower() in (".jpg", ".jpeg") else ".png"
                 # a.png and a.jpg in one folder must not overwrite each other's drawing
                 stem = f.stem if stems[f.stem] == 1 else f"{f.stem}_{f.suffix[1:].lower()}"
-                target = out_dir / f"{stem}_pred{suffix}"
+                target = out_dir / f"{stem}{PRED_SUFFIX}{suffix}"
                 Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
                 record["output"] = str(target)
             records.append(record)
@@ -182,6 +188,7 @@ def predict(
         "model": str(ckpt_path),
         "image_size": size,
         "thresholds": thresholds,
+        "class_names": class_names,
         "box_format": "xyxy, original image pixels",
         "images": records,
         "skipped": skipped,
@@ -192,25 +199,29 @@ def predict(
     return result
 
 
-def _run(cfg: DictConfig) -> None:
-    try:
-        result = predict(
-            cfg.ckpt_path, cfg.input, cfg.output_dir,
-            score_threshold=cfg.get("score_threshold"), nms_threshold=cfg.get("nms_threshold"),
-            top_k=cfg.get("top_k"), batch_size=int(cfg.batch_size), device=str(cfg.device),
-            draw=bool(cfg.draw),
-        )
-    except (InputError, FileNotFoundError, ValueError, ConfigError, MissingMandatoryValue) as e:
-        exit_with_error(e, "Error")
+def task(cfg: DictConfig) -> None:
+    result = predict(
+        cfg.ckpt_path,
+        cfg.input,
+        cfg.output_dir,
+        score_threshold=cfg.get("score_threshold"),
+        nms_threshold=cfg.get("nms_threshold"),
+        top_k=cfg.get("top_k"),
+        batch_size=cfg.batch_size,
+        device=str(cfg.device),
+        draw=bool(cfg.draw),
+    )
     for r in result["images"]:
-        print(f"{r['file']}: {len(r['detections'])} pedestrian(s)"
-              + (f" -> {r['output']}" if "output" in r else ""))
+        print(
+            f"{r['file']}: {len(r['detections'])} detection(s)"
+            + (f" -> {r['output']}" if "output" in r else "")
+        )
+    for s in result["skipped"]:
+        print(f"{s['file']}: skipped ({s['error']})")
     print(f"detections: {Path(cfg.output_dir) / 'detections.json'}")
 
 
-def main() -> None:
-    path = config_path_or_exit()
-    hydra.main(version_base="1.3", config_path=path, config_name="predict")(_run)()
+main = hydra_main("predict", task)
 
 
 if __name__ == "__main__":

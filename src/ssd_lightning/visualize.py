@@ -1,10 +1,11 @@
-"""Figures: augmented samples, feature maps, predictions, anchor matching.
+"""Every picture the project draws: boxes on images, and the figures (augmented samples,
+feature maps, predictions, anchor matching, anchor shapes, sweep summaries).
 
-Built with matplotlib's object API (``Figure``, no pyplot): nothing switches the global backend
+Figures use matplotlib's object API (``Figure``, no pyplot): nothing switches the global backend
 or keeps figures alive, so they are safe in callbacks, scripts and notebooks alike.
 
 Boxes drawn are xyxy in pixels of the image they come with (network-input pixels after a
-training pipeline).
+training pipeline). Ground truth is green, predictions red.
 """
 
 from __future__ import annotations
@@ -17,12 +18,16 @@ from typing import Any
 import matplotlib
 import torch
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from torch import Tensor
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, make_grid
 
+from ssd_lightning.core.matching import match_anchors
 from ssd_lightning.data.dataset import CLASS_NAMES
 
 Sample = tuple[Tensor, dict]
+GT_COLOR = "lime"
+PRED_COLOR = "red"
 
 
 def to_uint8(image: Tensor) -> Tensor:
@@ -33,11 +38,63 @@ def to_uint8(image: Tensor) -> Tensor:
     return (image.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def draw_sample(image: Tensor, boxes: Tensor, color: str = "lime", width: int = 2) -> Tensor:
+def draw_sample(image: Tensor, boxes: Tensor, color: str = GT_COLOR, width: int = 2) -> Tensor:
     """uint8 (3,H,W) image with `boxes` (K,4) xyxy pixels drawn on it."""
     return draw_bounding_boxes(
         to_uint8(image), boxes.as_subclass(Tensor).detach().cpu().float(), colors=color, width=width
     )
+
+
+def _label_texts(det: dict[str, Tensor], class_names: Sequence[str], show_class: bool) -> list[str]:
+    labels = det.get("labels")
+    ids = labels.tolist() if labels is not None else [1] * len(det["boxes"])
+    return [
+        (f"{class_names[c] if 0 <= c < len(class_names) else c} " if show_class else "")
+        + f"{s:.2f}"
+        for c, s in zip(ids, det["scores"].tolist(), strict=True)
+    ]
+
+
+def draw_detections(
+    image: Tensor,
+    det: dict[str, Tensor],
+    gt_boxes: Tensor | None = None,
+    class_names: Sequence[str] = CLASS_NAMES,
+    width: int = 2,
+    show_class: bool = True,
+) -> Tensor:
+    """image (3,H,W) float [0,1] or uint8; det boxes (K,4) and gt_boxes (G,4) xyxy in this
+    image's pixels -> uint8 (3,H,W) with GT in green and predictions in red, labelled with their
+    class (``show_class``) and score."""
+    img = to_uint8(image)
+    if gt_boxes is not None and len(gt_boxes):
+        img = draw_bounding_boxes(
+            img, gt_boxes.detach().float().cpu(), colors=GT_COLOR, width=width
+        )
+    if len(det["boxes"]):
+        img = draw_bounding_boxes(
+            img,
+            det["boxes"].detach().float().cpu(),
+            labels=_label_texts({k: v.cpu() for k, v in det.items()}, class_names, show_class),
+            colors=PRED_COLOR,
+            width=width,
+        )
+    return img
+
+
+def prediction_grid(
+    images: Tensor,
+    detections: Sequence[dict[str, Tensor]],
+    gt_boxes: Sequence[Tensor],
+    ncols: int = 4,
+) -> Tensor:
+    """A grid image uint8 (3,H',W') of ``images`` (n,3,S,S) with their detections and ground
+    truth drawn (boxes in the images' pixels), e.g. for TensorBoard."""
+    drawn = [  # drawing is per image by nature; a handful of images every few epochs
+        draw_detections(img, det, gt, show_class=False)
+        for img, det, gt in zip(images, detections, gt_boxes, strict=True)
+    ]
+    return make_grid(drawn, nrow=min(ncols, len(drawn)), padding=4)
 
 
 def plot_augmentations(
@@ -98,14 +155,6 @@ def figure_to_png(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------------------------
-# Model figures: feature maps, predictions, anchor matching (issue 6).
-# --------------------------------------------------------------------------------------------
-
-GT_COLOR = "lime"
-PRED_COLOR = "red"
-
-
 def _as_image_list(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
     """(B,3,H,W) tensor or a sequence of (3,H,W) images (sizes may differ) -> list of (3,H,W)."""
     if isinstance(images, Tensor):
@@ -133,27 +182,6 @@ def _hex_colors(n: int) -> list[str]:
     """n distinct colours (tab10, then tab20) as hex strings for draw_bounding_boxes."""
     cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
     return [matplotlib.colors.to_hex(cmap(i % cmap.N)) for i in range(n)]
-
-
-@torch.no_grad()
-def detect_on_inputs(
-    model: torch.nn.Module,
-    images: Tensor,
-    score_threshold: float = 0.5,
-    nms_threshold: float = 0.45,
-    top_k: int = 20,
-) -> list[dict[str, Tensor]]:
-    """``SSD.detect`` with boxes xyxy in *network-input* pixels (orig_sizes = (S, S)), i.e. in the
-    pixel frame of ``images`` (B,3,S,S) itself — what `plot_predictions` needs to draw on them.
-    The model is run in eval mode and its train/eval mode restored afterwards."""
-    h, w = images.shape[-2:]
-    sizes = torch.tensor([[h, w]] * len(images), device=images.device)
-    was_training = model.training
-    model.eval()
-    try:
-        return model.detect(images, sizes, score_threshold, nms_threshold, top_k)
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -228,8 +256,8 @@ def plot_predictions(
     show_class: write the class name before the score; None = only with more than one
     foreground class in ``class_names``. ``panel_size``: inches per grid cell.
     All boxes are xyxy in the pixel frame of the image shown. ``SSD.detect`` returns boxes in
-    *original* image pixels: to draw on the network input (S,S) use `detect_on_inputs` (or
-    orig_sizes = (S,S)); to draw on the original photo pass the original image.
+    *original* image pixels: to draw on the network input (S,S) call it without sizes (
+    orig_sizes None); to draw on the original photo pass the original image.
     """
     imgs = _as_image_list(images)
     if len(detections) != len(imgs):
@@ -254,14 +282,9 @@ def plot_predictions(
             )
         boxes = det["boxes"].detach().float().cpu()
         if len(boxes):
-            scores = det["scores"].detach().cpu().tolist()
-            labels = det.get("labels")
-            label_ids = labels.detach().cpu().tolist() if labels is not None else [1] * len(boxes)
-            text = [
-                (f"{class_names[c] if 0 <= c < len(class_names) else c} " if show_class else "")
-                + f"{s:.2f}"
-                for c, s in zip(label_ids, scores, strict=True)
-            ]
+            text = _label_texts(
+                {k: v.detach().cpu() for k, v in det.items()}, class_names, show_class
+            )
             drawn = draw_bounding_boxes(drawn, boxes, labels=text, colors=PRED_COLOR, width=width)
         ax.imshow(drawn.permute(1, 2, 0).numpy())
         head = f"{names[i]}: " if names is not None else ""
@@ -302,8 +325,6 @@ def plot_matching(
     Matching is ``core.matching.match_anchors`` (IoU >= ``iou_threshold`` plus each GT's forced
     best anchor), exactly as in the loss. Each GT and its positive anchors share a colour.
     """
-    from ssd_lightning.core.matching import match_anchors
-
     if isinstance(model_or_anchors, Tensor):
         anchors, levels = model_or_anchors, None
     else:
@@ -341,18 +362,75 @@ def plot_matching(
     ax.imshow(drawn.permute(1, 2, 0).numpy())
     ax.axis("off")
     if legend:
-        from matplotlib.patches import Patch
-
         ax.legend(
             handles=[Patch(color=c, label=t) for c, t in legend],
-            loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7, frameon=False,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            fontsize=7,
+            frameon=False,
         )
     n_pos = int((matched >= 0).sum())
     ax.set_title(
-        title or f"positive anchors (IoU ≥ {iou_threshold} + forced best): {n_pos} of "
-        f"{len(anchors)}",
+        title
+        or f"positive anchors (IoU ≥ {iou_threshold} + forced best): {n_pos} of {len(anchors)}",
         fontsize=9,
     )
     fig.tight_layout()
     return fig
 
+
+def plot_anchor_shapes(
+    gt_wh: Tensor, pairs: Sequence[Sequence[tuple[float, float]]], title: str = ""
+) -> Figure:
+    """Scatter of box shapes ``gt_wh`` (G,2) (w, h normalized to the image) against the anchor
+    shapes of ``pairs`` (per map: (scale, ratio = w/h)), one colour per map."""
+    fig = Figure(figsize=(6, 6), dpi=100)
+    ax = fig.subplots()
+    ax.scatter(gt_wh[:, 0], gt_wh[:, 1], s=8, c="0.6", label="training boxes")
+    cmap = matplotlib.colormaps["viridis"].resampled(len(pairs))
+    for m, level in enumerate(pairs):
+        w = [s * math.sqrt(r) for s, r in level]
+        h = [s / math.sqrt(r) for s, r in level]
+        ax.scatter(w, h, s=60, marker="x", color=cmap(m), label=f"anchors, map {m}")
+    ax.set(
+        xlabel="width (fraction of image)",
+        ylabel="height (fraction of image)",
+        xlim=(0, 1.1),
+        ylim=(0, 1.1),
+        title=title or "box shapes vs anchor shapes",
+    )
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_summary(
+    labels: Sequence[str],
+    values: Sequence[float | None],
+    metric: str,
+    notes: Sequence[str] | None = None,
+    title: str = "",
+) -> Figure:
+    """Horizontal bar chart of one metric per sweep job, first on top; a value of None (a failed
+    job, a missing metric) is a grey bar labelled with its note."""
+    n = len(labels)
+    notes = list(notes) if notes is not None else [""] * n
+    shown = [v if v is not None else 0.0 for v in values]
+    fig = Figure(figsize=(9, 1.0 + 0.45 * max(1, n)))
+    ax = fig.subplots()
+    y = list(range(n))[::-1]  # first on top
+    colors = ["tab:blue" if v is not None else "lightgrey" for v in values]
+    bars = ax.barh(y, shown, color=colors)
+    for bar, v, note in zip(bars, values, notes, strict=True):
+        text = f"{v:.4f}" if v is not None else note
+        ax.text(
+            bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {text}", va="center", fontsize=8
+        )
+    ax.set_yticks(y)
+    ax.set_yticklabels([lab if len(lab) <= 70 else lab[:67] + "..." for lab in labels], fontsize=8)
+    ax.set_xlabel(metric)
+    top = max(shown, default=0.0)
+    ax.set_xlim(min(0.0, *shown), (top if top > 0 else 1.0) * 1.25)  # all-zero maps still show
+    ax.set_title(title or f"sweep summary: {metric}", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,6 +1,7 @@
 """Anchor (default box) presets and their tensors.
 
-A preset (``conf/anchors/<name>.yaml``) describes, per feature map, a list of (scale, ratio) pairs:
+A preset (a mapping, e.g. ``conf/anchors/<name>.yaml`` as the config layer loads it) describes,
+per feature map, a list of (scale, ratio) pairs:
 ``scale`` is the anchor's size relative to the image side and ``ratio = w / h``, so an anchor is
 ``w = scale * sqrt(ratio)``, ``h = scale / sqrt(ratio)`` wide and tall, normalized to the image.
 A preset is written either compactly::
@@ -18,40 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
-import yaml
 from torch import Tensor
 from torchvision.ops import box_convert
 
 AnchorPairs = list[list[tuple[float, float]]]
-
-# conf/ at the repo root (editable install); SSD_LIGHTNING_CONF_DIR points elsewhere.
-DEFAULT_CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
-
-
-def conf_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("SSD_LIGHTNING_CONF_DIR", DEFAULT_CONF_DIR))
-
-
-def available_presets(directory: Path | None = None) -> list[str]:
-    directory = (directory or conf_dir()) / "anchors"
-    return sorted(p.stem for p in directory.glob("*.yaml"))
-
-
-def load_preset(name: str, directory: Path | None = None) -> dict:
-    """``conf/anchors/<name>.yaml`` as a plain dict."""
-    path = (directory or conf_dir()) / "anchors" / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(
-            f"anchors={name}: no preset {path}; "
-            f"available: {', '.join(available_presets(directory))}"
-        )
-    with path.open() as f:
-        return yaml.safe_load(f)
 
 
 def _check_positive(values: Sequence[float], key: str) -> None:

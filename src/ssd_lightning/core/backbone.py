@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import ResNet34_Weights, resnet34
 
+# layer2, layer3, layer4 and the extra blocks C5, C6, C7: the design's six maps
+NUM_FEATURE_MAPS = 6
 WEIGHT_NAMES = ("auto", "imagenet", "none")  # or the path of a ResNet-34 state dict
 WEIGHT_CHOICES = " | ".join(WEIGHT_NAMES) + " | <path to a ResNet-34 state dict>"
 _IMAGENET = ResNet34_Weights.IMAGENET1K_V1

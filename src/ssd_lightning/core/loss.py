@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +43,14 @@ class MultiBoxLoss(nn.Module):
         variances: tuple[float, float] = VARIANCES,
     ):
         super().__init__()
-        if neg_ratio <= 0:
-            raise ValueError(f"model.loss.neg_ratio={neg_ratio}: must be > 0")
-        if not 0 < iou_threshold <= 1:
-            raise ValueError(f"model.loss.iou_threshold={iou_threshold}: must be in (0, 1]")
+        for key, value, ok, allowed in (
+            ("neg_ratio", neg_ratio, lambda v: v > 0, "a number > 0"),
+            ("beta", beta, lambda v: v > 0, "a number > 0"),
+            ("iou_threshold", iou_threshold, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        ):
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and ok(value)):
+                raise ValueError(f"model.loss.{key}={value!r}: allowed values are {allowed}")
         self.neg_ratio = neg_ratio
         self.beta = beta
         self.iou_threshold = iou_threshold

@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchvision.ops import box_convert, nms
 
 from ssd_lightning.core.box_coding import VARIANCES, decode
+
+# Thresholds for predictions (predict, TensorBoard images) and for COCO evaluation (mAP wants the
+# low-score detections too). The configs' model.predict / model.evaluate default to these.
+PREDICT_DEFAULTS = {"score_threshold": 0.5, "nms_threshold": 0.45, "top_k": 20}
+EVALUATE_DEFAULTS = {"score_threshold": 0.01, "nms_threshold": 0.45, "top_k": 100}
+
+
+def check_thresholds(thresholds: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``{"score_threshold", "nms_threshold", "top_k"}`` checked; ``key`` names the config entry
+    in the error (e.g. ``model.predict``). Returns them as a plain dict."""
+    checks = {
+        "score_threshold": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        "nms_threshold": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        "top_k": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    }
+    unknown = set(thresholds) - set(checks)
+    if unknown:
+        raise ValueError(f"{key}: unknown keys {sorted(unknown)}; allowed: {list(checks)}")
+    for name, value in thresholds.items():
+        ok, allowed = checks[name]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and ok(value)):
+            raise ValueError(f"{key}.{name}={value!r}: allowed values are {allowed}")
+    return dict(thresholds)
 
 
 def postprocess(

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -13,8 +11,8 @@ from torchvision.ops import box_convert
 from ssd_lightning.core.anchors import anchor_pairs, generate_anchors
 from ssd_lightning.core.backbone import ResNet34Backbone
 from ssd_lightning.core.heads import SSDHeads
-from ssd_lightning.core.postprocess import postprocess
-from ssd_lightning.plain import to_plain
+from ssd_lightning.core.plain import to_plain
+from ssd_lightning.core.postprocess import PREDICT_DEFAULTS, postprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,10 +35,15 @@ class SSD(nn.Module):
         feature_channels: int = 256,
     ):
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"model.net.num_classes={num_classes}: need >= 2 (background + 1)")
-        if image_size < 64:
-            raise ValueError(f"model.net.image_size={image_size}: must be >= 64")
+        for key, value, low, meaning in (
+            ("num_classes", num_classes, 2, "background + at least one class"),
+            ("image_size", image_size, 64, "300 is the design"),
+            ("feature_channels", feature_channels, 1, "256 is the design"),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(
+                    f"model.net.{key}={value!r}: allowed values are integers >= {low} ({meaning})"
+                )
         anchors = to_plain(anchors)
         self.config = {
             "anchors": anchors,
@@ -88,37 +91,24 @@ class SSD(nn.Module):
     def detect(
         self,
         images: Tensor,
-        orig_sizes: Tensor,
-        score_threshold: float = 0.5,
-        nms_threshold: float = 0.45,
-        top_k: int = 20,
+        orig_sizes: Tensor | None = None,
+        score_threshold: float = PREDICT_DEFAULTS["score_threshold"],
+        nms_threshold: float = PREDICT_DEFAULTS["nms_threshold"],
+        top_k: int = PREDICT_DEFAULTS["top_k"],
     ) -> list[dict[str, Tensor]]:
-        """images (B, 3, S, S) in [0, 1], orig_sizes (B, 2) (h, w) -> per-image detections, boxes
-        xyxy in original image pixels."""
-        loc, logits = self(images)
+        """images (B, 3, S, S) in [0, 1] -> per-image detections, boxes xyxy in the pixels of
+        ``orig_sizes`` (B, 2) (h, w) - the original images' - or, when None, of ``images``
+        themselves (to draw on the network input). Runs in eval mode and restores the mode."""
+        if orig_sizes is None:
+            orig_sizes = torch.tensor([images.shape[-2:]], device=images.device).expand(
+                len(images), 2
+            )
+        was_training = self.training
+        self.eval()
+        try:
+            loc, logits = self(images)
+        finally:
+            self.train(was_training)
         return postprocess(
             loc, logits, self.anchors_cxcywh, orig_sizes, score_threshold, nms_threshold, top_k
         )
-
-
-def export_model(model: SSD, path: str | Path, extra: dict | None = None) -> Path:
-    """Save a Lightning-free file: the state dict plus the constructor config."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"config": copy.deepcopy(model.config), "state_dict": state, **(extra or {})}, path)
-    return path
-
-
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> SSD:
-    """Rebuild an ``SSD`` from ``export_model``'s file (no ImageNet weights needed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    blob = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
-        raise ValueError(f"{path}: not a file written by ssd_lightning.core.export_model")
-    model = SSD(**{**blob["config"], "weights": "none"})
-    model.load_state_dict(blob["state_dict"])
-    model.config["weights"] = blob["config"]["weights"]
-    return model.to(map_location).eval()

@@ -1,48 +1,37 @@
 """`PennFudanDataModule`: verified vendored data, committed split, v2 pipelines, padded batches.
 
-Batches are `collate.Batch`: images (B,3,S,S) float [0,1], boxes (B,G,4) xyxy in network-input
+Batches are `batch.Batch`: images (B,3,S,S) float [0,1], boxes (B,G,4) xyxy in network-input
 pixels [0,S] (train: after augmentation; val/test: resized ground truth), orig_sizes (H,W).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ssd_lightning.data.collate import collate_fn
+from ssd_lightning.config.paths import data_dir
+from ssd_lightning.core.plain import to_plain
+from ssd_lightning.data.batch import PlanBatch, collate_fn, plan_collate
 from ssd_lightning.data.dataset import PennFudanDataset
 from ssd_lightning.data.download import URL, download_pennfudan
-from ssd_lightning.data.gpu_augment import (
-    GpuAugmenter,
-    PlanBatch,
-    GpuPlanDataset,
-    gpu_augment_enabled,
-    plan_collate,
-)
-from ssd_lightning.data.manifest import (
-    DEFAULT_MANIFEST,
-    DEFAULT_ROOT,
-    DEFAULT_SPLIT,
-    list_image_names,
-    split_names,
-    verify_dataset,
-)
-from ssd_lightning.plain import to_plain
-from ssd_lightning.data.transforms import (
-    build_eval_transform,
-    build_fallbacks,
-    build_train_transform,
-)
+from ssd_lightning.data.gpu.pixels import GpuAugmenter
+from ssd_lightning.data.gpu.plan import GpuPlanDataset, unplannable_steps
+from ssd_lightning.data.manifest import list_image_names, load_json, split_names, verify_dataset
+from ssd_lightning.data.presets import build_eval_transform, build_fallbacks, build_train_transform
+
+log = logging.getLogger(__name__)
 
 _VERIFY = ("quick", "full", "none")
+_AUTO = ("auto", None)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -76,27 +65,37 @@ class EpochSeededSampler(Sampler[int]):
         return self.size
 
 
+def _choice(key: str, value: Any, allowed: tuple) -> Any:
+    if value not in allowed:
+        shown = ", ".join("auto" if a is None else str(a).lower() for a in allowed)
+        raise ValueError(f"{key}={value!r}: allowed values are {shown}")
+    return value
+
+
 class PennFudanDataModule(L.LightningDataModule):
     """Penn-Fudan train/val/test loaders from the committed split.
 
     val_size: 50 = the committed validation list; 0 = no validation, all 170 images train (the
     original design; `val_dataloader()` returns [] and Lightning skips validation, the test set
     is then all 170 images); other values take the first `val_size` names of the split file's
-    seeded order (`order`), so a smaller set is a subset of the committed 50.
-    split: the committed split file; None = every image under `root` (another dataset in the
-    Penn-Fudan layout, e.g. for evaluation: `data.root=<dir> data.split=null data.verify=none`).
+    seeded order, so a smaller set is a subset of the committed 50.
+    root, manifest, split: the dataset folder, its manifest and split file. With ``root`` None
+    all three default to the vendored dataset (data/); otherwise a ``split`` of None means every
+    image under `root` (another dataset in the Penn-Fudan layout, e.g. for evaluation:
+    `data.root=<dir> data.split=null data.verify=none`).
     verify: quick (names + sizes) | full (sha256) | none. download: fetch the official archive
     into `root` if it is missing (offline this fails within `download_timeout` seconds).
+    augmentation: an augmentation preset (conf/augmentation/<name>.yaml); None = resize only.
     gpu_augment: true | false | auto (= on when training on a GPU): the training loader yields
     only boxes and drawn augmentation parameters, and `on_after_batch_transfer` does the pixel
-    work batched on the device (see gpu_augment.py). The CPU path is the reference.
+    work batched on the device (see data/gpu/). The CPU path is the reference.
     """
 
     def __init__(
         self,
-        root: str | Path = DEFAULT_ROOT,
-        manifest: str | Path = DEFAULT_MANIFEST,
-        split: str | Path | None = DEFAULT_SPLIT,
+        root: str | Path | None = None,
+        manifest: str | Path | None = None,
+        split: str | Path | None = None,
         val_size: int = 50,
         image_size: int = 300,
         batch_size: int = 16,
@@ -115,33 +114,54 @@ class PennFudanDataModule(L.LightningDataModule):
         gpu_augment: bool | str = "auto",
     ) -> None:
         super().__init__()
-        if verify not in _VERIFY:
-            raise ValueError(f"data.verify must be one of {_VERIFY}, got {verify!r}")
-        self.root, self.manifest = Path(root), Path(manifest)
+        self.verify = _choice("data.verify", verify, _VERIFY)
+        self.pin_memory_option = _choice("data.pin_memory", pin_memory, (True, False, "auto"))
+        self.gpu_augment = _choice("data.gpu_augment", gpu_augment, (True, False, "auto"))
+        for key, value, low in (
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("image_size", image_size, 16),
+            ("val_size", val_size, 0),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"data.{key}={value!r}: allowed values are integers >= {low}")
+        if root is None:  # the vendored dataset
+            root = data_dir() / "PennFudanPed"
+            manifest = manifest or data_dir() / "pennfudan_manifest.json"
+            split = split or data_dir() / "pennfudan_split.json"
+        self.root = Path(root)
+        self.manifest = None if manifest is None else Path(manifest)
         self.split = None if split is None else Path(split)
-        self.val_size, self.image_size = int(val_size), int(image_size)
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        if pin_memory not in (True, False, "auto"):
-            raise ValueError(f"data.pin_memory={pin_memory!r}: allowed values are true, false, auto")
-        # auto: pinned batches where a GPU is present, so host-to-device copies are asynchronous
-        self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else pin_memory
+        self.val_size, self.image_size = val_size, image_size
+        self.batch_size, self.num_workers = batch_size, num_workers
         self.persistent_workers = bool(persistent_workers)
         self.seed = None if seed is None else int(seed)
-        self.augmentation: dict[str, Any] | None = (
-            None if augmentation is None else to_plain(augmentation)
-        )
-        self.verify, self.download = verify, bool(download)
+        self.augmentation = None if augmentation is None else to_plain(augmentation)
+        self.download = bool(download)
         self.download_url, self.download_sha256 = download_url, download_sha256
         self.download_timeout = float(download_timeout)
         self.preload, self.drop_last = bool(preload), bool(drop_last)
-        gpu_augment_enabled(gpu_augment, False)  # a bad value fails at start-up
-        self.gpu_augment = gpu_augment
+        # the pipelines are built now: a bad augmentation value fails at start-up, not in a worker
+        antialias = (self.augmentation or {}).get("antialias", True)
+        self.train_transform = build_train_transform(self.augmentation, image_size)
+        self.fallbacks = build_fallbacks(self.augmentation, image_size)
+        self.eval_transform = build_eval_transform(image_size, antialias=antialias)
+        # a split file that cannot give val_size images fails here, before the model is built
+        self._split = None if self.split is None else load_json(self.split)
+        if self._split is not None:
+            split_names(self._split, self.val_size)
         self.gpu_augmenter: GpuAugmenter | None = None
         self._verified = False
-        self._names: tuple[list[str], list[str]] | None = None  # (train, val) file names
         self.train_set: PennFudanDataset | None = None
         self.val_set: PennFudanDataset | None = None
         self.test_set: PennFudanDataset | None = None
+
+    @property
+    def pin_memory(self) -> bool:
+        # auto: pinned batches where a GPU is present, so host-to-device copies are asynchronous
+        if self.pin_memory_option == "auto":
+            return torch.cuda.is_available()
+        return bool(self.pin_memory_option)
 
     # -- data on disk -------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -153,39 +173,32 @@ class PennFudanDataModule(L.LightningDataModule):
 
     def _verify(self) -> None:
         if not self._verified and self.verify != "none":
+            if self.manifest is None:
+                raise ValueError("data.verify: needs data.manifest (or data.verify=none)")
             verify_dataset(self.root, self.manifest, full=self.verify == "full")
         self._verified = True
+
+    def _names(self) -> tuple[list[str], list[str]]:
+        """(train, val) file names."""
+        if self._split is None:  # another dataset root: every image is evaluated
+            names = list_image_names(self.root)
+            return names, names
+        return split_names(self._split, self.val_size)
 
     # -- datasets -----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets `stage` needs (all for None): evaluating decodes no training set."""
         self._verify()
-        if self._names is None:
-            if self.split is None:  # another dataset root: every image is evaluated
-                names = list_image_names(self.root)
-                self._names = (names, names)
-            else:
-                self._names = split_names(self.split, self.val_size)
-        train_names, val_names = self._names
-        s = self.image_size
-        evaluation = build_eval_transform(
-            s, antialias=(self.augmentation or {}).get("antialias", True)
-        )
+        train_names, val_names = self._names()
         if stage in (None, "fit") and self.train_set is None:
-            if self.split is None:
-                warnings.warn(f"data.split=null: training and validating on every image under "
-                              f"{self.root}", stacklevel=2)
-            self.train_set = PennFudanDataset(
-                self.root,
-                train_names,
-                transforms=build_train_transform(self.augmentation, s),
-                fallbacks=build_fallbacks(self.augmentation, s),
-                skip_empty=True,
-            )
-            self._preload(self.train_set)
+            if self._split is None:
+                warnings.warn(
+                    f"data.split=null: training and validating on every image under {self.root}",
+                    stacklevel=2,
+                )
+            self.train_set = self._dataset(train_names, self.train_transform, self.fallbacks, True)
         if self.val_set is None and val_names:
-            self.val_set = PennFudanDataset(self.root, val_names, transforms=evaluation)
-            self._preload(self.val_set)
+            self.val_set = self._dataset(val_names, self.eval_transform)
         if self.test_set is None:
             if self.val_set is not None:
                 self.test_set = self.val_set
@@ -194,19 +207,26 @@ class PennFudanDataModule(L.LightningDataModule):
                     "data.val_size=0: no held-out images; the test set is all training images",
                     stacklevel=2,
                 )
-                self.test_set = PennFudanDataset(self.root, train_names, transforms=evaluation)
-                self._preload(self.test_set)
+                self.test_set = self._dataset(train_names, self.eval_transform)
 
-    def _preload(self, dataset: PennFudanDataset) -> None:
+    def _dataset(
+        self,
+        names: list[str],
+        transform: Callable,
+        fallbacks: list | None = None,
+        train: bool = False,
+    ) -> PennFudanDataset:
+        ds = PennFudanDataset(self.root, names, transform, fallbacks or [], skip_empty=train)
         if self.preload:  # decode once here, so forked workers inherit the cache
-            dataset.preload()
+            ds.preload()
+        return ds
 
     # -- loaders ------------------------------------------------------------------------------
-    def _loader(self, ds: PennFudanDataset, train: bool, collate=collate_fn) -> DataLoader:
+    def _loader(self, ds: Dataset, train: bool, collate: Callable = collate_fn) -> DataLoader:
         workers = self.num_workers
         # distinct augmentation streams per DDP rank
-        seed = None if self.seed is None else self.seed + (self.trainer.global_rank
-                                                           if self.trainer is not None else 0)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        seed = None if self.seed is None else self.seed + rank
         # seed null: torch's global generator (i.e. seed_everything) shuffles and seeds workers
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         sampler = None
@@ -226,16 +246,27 @@ class PennFudanDataModule(L.LightningDataModule):
             generator=generator,
         )
 
+    def _use_gpu_path(self) -> bool:
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        wanted = on_gpu if self.gpu_augment == "auto" else bool(self.gpu_augment)
+        if not wanted:
+            return False
+        missing = unplannable_steps(self.train_transform)
+        if missing:
+            (log.info if self.gpu_augment == "auto" else log.warning)(
+                "data.gpu_augment: the augmentation pipeline has steps without a GPU "
+                "implementation (%s); the CPU data path is used",
+                ", ".join(missing),
+            )
+            return False
+        return True
+
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        if gpu_augment_enabled(self.gpu_augment, on_gpu):
+        if self._use_gpu_path():
             # the CPU train set's own transform objects draw the parameters: same semantics
-            train = self.train_set
-            plans = GpuPlanDataset(train.root, train.names, transforms=train.transforms,
-                                   fallbacks=train.fallbacks)
-            self.gpu_augmenter = GpuAugmenter(plans)
-            return self._loader(plans, train=True, collate=plan_collate)
+            self.gpu_augmenter = GpuAugmenter(self.train_set)
+            return self._loader(GpuPlanDataset(self.train_set), train=True, collate=plan_collate)
         return self._loader(self.train_set, train=True)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -1,10 +1,11 @@
-"""`PennFudanDataset`: Penn-Fudan images with boxes derived from the instance masks.
+"""Detection datasets: ``DetectionDataset`` (the augmentation and empty-box fallback around a
+``raw`` sample) and ``PennFudanDataset`` (Penn-Fudan images, boxes from the instance masks).
 
-Returns ``(image, target)``: ``image`` a ``tv_tensors.Image`` (uint8 (3,H,W) RGB without
+A sample is ``(image, target)``: ``image`` a ``tv_tensors.Image`` (uint8 (3,H,W) RGB without
 transforms), ``target`` a dict with ``boxes`` (``tv_tensors.BoundingBoxes`` XYXY, pixels of the
 returned image, ``canvas_size`` set), ``labels`` (G,) int64 (1 = pedestrian), optional ``masks``
 (``tv_tensors.Mask`` (G,H,W) bool), ``orig_size`` (2,) int64 (height, width) of the file,
-``name`` (file name) and ``fallback`` (0/1/2, see ``__getitem__``).
+``name`` (file name) and ``fallback`` (0/1/2, see ``DetectionDataset.apply``).
 
 Pixel convention: ``masks_to_boxes`` returns the *inclusive* last pixel index as x2/y2; we add 1
 so boxes use continuous pixel edges (pixel i spans [i, i+1)): a one-pixel instance has width 1,
@@ -17,6 +18,7 @@ import functools
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
+from ssd_lightning.data.images import InputError, read_rgb
 from ssd_lightning.data.manifest import IMAGE_DIR, MASK_DIR, list_image_names, mask_name
 
 PEDESTRIAN = 1
@@ -35,17 +38,6 @@ Transform = Callable[[tv_tensors.Image, dict], tuple[tv_tensors.Image, dict]]
 
 class DatasetReadError(RuntimeError):
     """An image or mask file could not be read or does not fit its partner."""
-
-
-def _decode(path: Path, rgb: bool, what: str) -> Tensor:
-    # PIL rather than torchvision.io: its decoders are deprecated in torchvision 0.29.
-    try:
-        with Image.open(path) as im:
-            arr = np.array(im.convert("RGB") if rgb else im)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DatasetReadError(f"cannot read {what} file {path}: {e}") from e
-    t = torch.from_numpy(arr)
-    return t.permute(2, 0, 1).contiguous() if rgb else t
 
 
 def _file_key(path: str) -> tuple[str, int, int]:
@@ -64,11 +56,18 @@ def load_image(path: str) -> Tensor:
 
 @functools.cache
 def _cached_image(path: str, mtime_ns: int, size: int) -> Tensor:
-    return _decode(Path(path), True, "image")
+    try:  # the pixels as stored: the masks are aligned to them, so no EXIF rotation
+        return read_rgb(path, exif_transpose=False)
+    except InputError as e:
+        raise DatasetReadError(f"image file {e}") from e
 
 
 def _load_mask(path: Path) -> Tensor:
-    mask = _decode(path, False, "mask")
+    try:
+        with Image.open(path) as im:
+            mask = torch.from_numpy(np.array(im))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DatasetReadError(f"cannot read mask file {path}: {e}") from e
     if mask.ndim != 2:
         raise DatasetReadError(
             f"mask file {path} must be single-channel (instance ids), got {tuple(mask.shape)}"
@@ -76,30 +75,87 @@ def _load_mask(path: Path) -> Tensor:
     return mask.long()
 
 
-def load_instances(path: str) -> tuple[Tensor, Tensor]:
-    """(boxes (G,4) float32 xyxy pixel edges, ids (G,) int64) of a mask file, cached per process."""
+def load_instances(path: str) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """(boxes (G,4) float32 xyxy pixel edges, ids (G,) int64, (height, width) of the mask) of a
+    mask file, cached per process."""
     return _cached_instances(*_file_key(path))
 
 
 @functools.cache
-def _cached_instances(path: str, mtime_ns: int, size: int) -> tuple[Tensor, Tensor]:
+def _cached_instances(
+    path: str, mtime_ns: int, size: int
+) -> tuple[Tensor, Tensor, tuple[int, int]]:
     mask = _load_mask(Path(path))
+    hw = (int(mask.shape[0]), int(mask.shape[1]))
     ids = torch.unique(mask)
     ids = ids[ids > 0]
     if len(ids) == 0:
-        return torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), hw
     boxes = masks_to_boxes(mask[None] == ids[:, None, None])
     boxes[:, 2:] += 1  # inclusive last pixel -> exclusive edge
-    return boxes, ids
+    return boxes, ids, hw
 
 
-class PennFudanDataset(Dataset):
-    """Penn-Fudan samples for the given image file names (default: all under `root/PNGImages`).
+class DetectionDataset(Dataset):
+    """Samples ``raw(index)`` run through ``transforms``, with the empty-box fallback.
 
     transforms: callable ``(image, {"boxes", "labels"[, "masks"]}) -> (image, target)``.
     fallbacks: tried in order when `transforms` leaves a sample that had boxes with none; the
         stage that produced the sample (1-based, 0 = none) is returned as ``target["fallback"]``.
+    Subclasses set ``names`` and implement ``image`` and ``raw``.
+    """
+
+    names: list[str]
+
+    def __init__(self, transforms: Transform | None = None, fallbacks: Sequence[Transform] = ()):
+        self.transforms = transforms
+        self.fallbacks = list(fallbacks)
+
+    def image(self, index: int) -> Tensor:
+        """The decoded image, uint8 (3, H, W) RGB."""
+        raise NotImplementedError
+
+    def raw(self, index: int) -> tuple[tv_tensors.Image, dict]:
+        """The untransformed sample: uint8 image and boxes in its pixels."""
+        raise NotImplementedError
+
+    def preload(self) -> None:
+        """Decode every image now (e.g. in the main process before DataLoader workers fork)."""
+        for index in range(len(self)):
+            self.image(index)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def apply(self, image: tv_tensors.Image, target: dict, index: int) -> tuple[Any, dict]:
+        """``transforms`` (then the fallbacks while a sample that had boxes has none) on one raw
+        sample, plus ``orig_size``, ``name`` and ``fallback``. ``image`` may be any tensor the
+        transforms accept (the GPU data path passes a pixel-less one)."""
+        h, w = image.shape[-2:]
+        had_boxes = len(target["boxes"]) > 0
+        out_img, out_t, stage = image, target, 0
+        if self.transforms is not None:
+            out_img, out_t = self.transforms(image, target)
+            for stage_no, fb in enumerate(self.fallbacks, start=1):
+                if not had_boxes or len(out_t["boxes"]) > 0:
+                    break
+                out_img, out_t = fb(image, target)
+                stage = stage_no
+        out_t = dict(out_t)
+        out_t["orig_size"] = torch.tensor([h, w], dtype=torch.int64)
+        out_t["name"] = self.names[index]
+        out_t["fallback"] = stage
+        return out_img, out_t
+
+    def __getitem__(self, index: int) -> tuple[Any, dict]:
+        return self.apply(*self.raw(index), index)
+
+
+class PennFudanDataset(DetectionDataset):
+    """Penn-Fudan samples for the given image file names (default: all under `root/PNGImages`).
+
     skip_empty: leave out (with a warning) images whose mask has no instance — for training.
+    with_masks: add the instance masks to the target.
     """
 
     def __init__(
@@ -111,12 +167,11 @@ class PennFudanDataset(Dataset):
         skip_empty: bool = False,
         with_masks: bool = False,
     ) -> None:
+        super().__init__(transforms, fallbacks)
         self.root = Path(root)
         names = list(list_image_names(self.root) if names is None else names)
         if not names:
             raise DatasetReadError(f"no images found under {self.root / IMAGE_DIR}")
-        self.transforms = transforms
-        self.fallbacks = list(fallbacks)
         self.with_masks = with_masks
         self.empty: list[str] = [n for n in names if len(self._instances(n)[0]) == 0]
         if self.empty and skip_empty:
@@ -134,27 +189,22 @@ class PennFudanDataset(Dataset):
     def mask_path(self, name: str) -> Path:
         return self.root / MASK_DIR / mask_name(name)
 
-    def _instances(self, name: str) -> tuple[Tensor, Tensor]:
+    def _instances(self, name: str) -> tuple[Tensor, Tensor, tuple[int, int]]:
         return load_instances(str(self.mask_path(name)))
 
-    def preload(self) -> None:
-        """Decode every image now (e.g. in the main process before DataLoader workers fork)."""
-        for name in self.names:
-            load_image(str(self.image_path(name)))
-
-    def __len__(self) -> int:
-        return len(self.names)
+    def image(self, index: int) -> Tensor:
+        return load_image(str(self.image_path(self.names[index])))
 
     def raw(self, index: int) -> tuple[tv_tensors.Image, dict]:
         """The untransformed sample: uint8 image and boxes in original pixels."""
         name = self.names[index]
-        img = load_image(str(self.image_path(name)))
-        boxes, ids = self._instances(name)
+        img = self.image(index)
+        boxes, ids, mask_hw = self._instances(name)
         h, w = img.shape[-2:]
-        if len(boxes) and (boxes[:, 2].max() > w or boxes[:, 3].max() > h):
+        if mask_hw != (h, w):  # boxes from a mask of another size would be at the wrong scale
             raise DatasetReadError(
-                f"mask {self.mask_path(name)} is larger than image "
-                f"{self.image_path(name)} ({h}x{w})"
+                f"mask {self.mask_path(name)} is {mask_hw[0]}x{mask_hw[1]} (HxW) but image "
+                f"{self.image_path(name)} is {h}x{w}"
             )
         target = {
             "boxes": tv_tensors.BoundingBoxes(boxes.clone(), format="XYXY", canvas_size=(h, w)),
@@ -162,29 +212,5 @@ class PennFudanDataset(Dataset):
         }
         if self.with_masks:
             mask = _load_mask(self.mask_path(name))
-            if mask.shape != (h, w):
-                raise DatasetReadError(
-                    f"mask {self.mask_path(name)} is {tuple(mask.shape)}, image "
-                    f"{self.image_path(name)} is {(h, w)}"
-                )
             target["masks"] = tv_tensors.Mask(mask[None] == ids[:, None, None])
         return tv_tensors.Image(img), target
-
-    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict]:
-        image, target = self.raw(index)
-        h, w = image.shape[-2:]
-        had_boxes = len(target["boxes"]) > 0
-        out_img, out_t, stage = image, target, 0
-        if self.transforms is not None:
-            out_img, out_t = self.transforms(image, target)
-            # Empty-box fallback: guarantee every training sample keeps at least one box.
-            for stage_no, fb in enumerate(self.fallbacks, start=1):
-                if not had_boxes or len(out_t["boxes"]) > 0:
-                    break
-                out_img, out_t = fb(image, target)
-                stage = stage_no
-        out_t = dict(out_t)
-        out_t["orig_size"] = torch.tensor([h, w], dtype=torch.int64)
-        out_t["name"] = self.names[index]
-        out_t["fallback"] = stage
-        return out_img, out_t

@@ -3,7 +3,6 @@ vendored copy). Offline it fails within `timeout` seconds with a message saying 
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import socket
 import stat
@@ -14,6 +13,8 @@ import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
+
+from ssd_lightning.data.manifest import sha256_file
 
 URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
 
@@ -68,14 +69,6 @@ def _resolve_host(url: str, timeout: float) -> None:
         raise OSError(f"DNS lookup of {host} timed out after {timeout}s")
     if result[0] is not None:
         raise OSError(f"DNS lookup of {host} failed: {result[0]}")
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download_pennfudan(

@@ -12,13 +12,12 @@ import argparse
 import hashlib
 import json
 import random
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-DEFAULT_ROOT = REPO_ROOT / "data" / "PennFudanPed"
-DEFAULT_MANIFEST = REPO_ROOT / "data" / "pennfudan_manifest.json"
-DEFAULT_SPLIT = REPO_ROOT / "data" / "pennfudan_split.json"
+from ssd_lightning.config.paths import data_dir
+
 IMAGE_DIR, MASK_DIR = "PNGImages", "PedMasks"
 SPLIT_SEED, SPLIT_VAL_SIZE = 20240601, 50
 
@@ -37,9 +36,9 @@ def mask_name(image_name: str) -> str:
     return image_name[: -len(".png")] + "_mask.png"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -57,7 +56,7 @@ def build_manifest(root: str | Path) -> dict:
     for name in list_image_names(root):
         for rel in (f"{IMAGE_DIR}/{name}", f"{MASK_DIR}/{mask_name(name)}"):
             p = root / rel
-            files.append({"path": rel, "size": p.stat().st_size, "sha256": _sha256(p)})
+            files.append({"path": rel, "size": p.stat().st_size, "sha256": sha256_file(p)})
     return {"dataset": "PennFudanPed", "num_images": len(files) // 2, "files": files}
 
 
@@ -68,12 +67,13 @@ def load_json(path: str | Path) -> dict:
             f"{path} not found. It is committed with the repository; regenerate it with "
             "`python -m ssd_lightning.data.manifest --write` only if the dataset changed."
         )
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetIntegrityError(f"{path} is not valid JSON ({e}); restore it from git") from e
 
 
-def verify_dataset(
-    root: str | Path, manifest: str | Path | dict = DEFAULT_MANIFEST, full: bool = False
-) -> int:
+def verify_dataset(root: str | Path, manifest: str | Path | dict, full: bool = False) -> int:
     """Check that every manifest file exists with its size (and sha256 if `full`).
 
     Returns the number of files checked; raises DatasetIntegrityError naming every bad file.
@@ -93,7 +93,7 @@ def verify_dataset(
             problems.append(
                 f"changed size: {p} ({p.stat().st_size} bytes, expected {entry['size']})"
             )
-        elif full and _sha256(p) != entry["sha256"]:
+        elif full and sha256_file(p) != entry["sha256"]:
             problems.append(f"changed content (sha256 mismatch): {p}")
     if problems:
         shown = "\n  ".join(problems[:20]) + (
@@ -127,16 +127,33 @@ def split_names(
     split: str | Path | dict, val_size: int | None = None
 ) -> tuple[list[str], list[str]]:
     """(train, val) name lists from the committed split. `val_size` None = the committed 50;
-    otherwise the first `val_size` names of the committed seeded order (0 = everything trains)."""
+    otherwise the first `val_size` names of the committed seeded order (0 = everything trains).
+    Raises ``DatasetIntegrityError`` for a broken split file, ``ValueError`` (naming
+    ``data.val_size``) for a size the split cannot give."""
     s = split if isinstance(split, dict) else load_json(split)
-    order = list(s["order"])
-    k = s["val_size"] if val_size is None else int(val_size)
-    if not 0 <= k < len(order):
-        raise ValueError(f"data.val_size must be in [0, {len(order) - 1}], got {val_size}")
-    if k == s["val_size"] and sorted(order[:k]) != sorted(s["val"]):
+    where = "the split" if isinstance(split, dict) else str(split)
+    s = s if isinstance(s, dict) else {}
+    order, committed = s.get("order"), s.get("val_size")
+    if not (
+        isinstance(order, list)
+        and order
+        and all(isinstance(n, str) for n in order)
+        and isinstance(committed, int)
+        and isinstance(s.get("val"), list)
+    ):
         raise DatasetIntegrityError(
-            "split file is inconsistent: 'val' differs from order[:val_size]"
+            f"{where}: not a split file (needs 'order': [names], 'val_size': int, 'val': [names]); "
+            "restore it from git or regenerate it with `python -m ssd_lightning.data.manifest "
+            "--write`"
         )
+    k = committed if val_size is None else int(val_size)
+    if not 0 <= k < len(order):
+        raise ValueError(
+            f"data.val_size={val_size}: allowed values are 0 (no validation) to {len(order) - 1} "
+            f"({where} has {len(order)} images)"
+        )
+    if k == committed and sorted(order[:k]) != sorted(s["val"]):
+        raise DatasetIntegrityError(f"{where} is inconsistent: 'val' differs from order[:val_size]")
     return sorted(order[k:]), sorted(order[:k])
 
 
@@ -146,18 +163,24 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    ap.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST)
-    ap.add_argument("--split", type=Path, default=DEFAULT_SPLIT)
+    ap.add_argument("--root", type=Path, help="default: data/PennFudanPed")
+    ap.add_argument("--manifest", type=Path, help="default: data/pennfudan_manifest.json")
+    ap.add_argument("--split", type=Path, help="default: data/pennfudan_split.json")
     ap.add_argument("--write", action="store_true", help="(re)write manifest and split JSONs")
     ap.add_argument("--full", action="store_true", help="verify sha256 too")
     ap.add_argument("--seed", type=int, default=SPLIT_SEED)
     args = ap.parse_args(argv)
+    root = args.root or data_dir() / "PennFudanPed"
+    manifest = args.manifest or data_dir() / "pennfudan_manifest.json"
+    split = args.split or data_dir() / "pennfudan_split.json"
     if args.write:
-        _write_json(args.manifest, build_manifest(args.root))
-        _write_json(args.split, build_split(list_image_names(args.root), seed=args.seed))
-        print(f"wrote {args.manifest} and {args.split}")
-    n = verify_dataset(args.root, args.manifest, full=args.full)
+        _write_json(manifest, build_manifest(root))
+        _write_json(split, build_split(list_image_names(root), seed=args.seed))
+        print(f"wrote {manifest} and {split}")
+    try:
+        n = verify_dataset(root, manifest, full=args.full)
+    except DatasetIntegrityError as e:
+        sys.exit(f"Data error: {e}")
     print(f"{n} files OK ({'sha256' if args.full else 'names + sizes'})")
 
 

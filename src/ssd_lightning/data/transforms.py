@@ -1,16 +1,16 @@
-"""torchvision.transforms.v2 pipelines built from plain config dicts (conf/augmentation/*.yaml).
+"""The project's own augmentation transforms (torchvision.transforms.v2 ``Transform``s and
+pipeline stages); ``presets`` puts them into pipelines.
 
-Every pipeline maps ``(Image uint8 (3,H,W), {"boxes": BoundingBoxes XYXY in input pixels,
-"labels": (G,) int64[, "masks"]})`` to ``(Image float32 (3,S,S) in [0,1], target)`` with boxes
-XYXY in network-input pixels [0,S] (continuous pixel edges, see dataset.py). Crops and photometric
-work run on uint8; the conversion to float is the last step. Randomness comes from torch's global
-generator, so ``torch.manual_seed`` reproduces a draw.
+- ``SafeBoxCenteredCrop``: an object-centric crop that always keeps a chosen box
+- ``BoundedRandomIoUCrop``: torchvision's RandomIoUCrop with its retry loop bounded
+- ``ResizeKeepLargest``: the last empty-box fallback stage (resize-only, largest box kept)
+
+Boxes are XYXY in pixels of the image they travel with (continuous pixel edges, see dataset.py).
+Randomness comes from torch's global generator, so ``torch.manual_seed`` reproduces a draw.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -20,45 +20,6 @@ from torchvision.ops import box_iou
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import get_bounding_boxes, query_size
-
-from ssd_lightning.plain import to_plain
-
-# The `safe_crop` preset (conf/augmentation/safe_crop.yaml mirrors it).
-DEFAULT_AUGMENTATION: dict[str, Any] = {
-    "name": "safe_crop",
-    "photometric": {  # v2.RandomPhotometricDistort kwargs; null = off
-        "brightness": [0.875, 1.125],
-        "contrast": [0.5, 1.5],
-        "saturation": [0.5, 1.5],
-        "hue": [-0.05, 0.05],
-        "p": 0.5,
-    },
-    "crop": {  # null = no crop step
-        "type": "safe_choice",  # safe_choice | iou_crop
-        "choice_p": [0.5, 0.3, 0.2],  # SafeBoxCenteredCrop, RandomResizedCrop, Identity
-        "safe_box": {
-            "area_power": 1.0,
-            "context": [1.2, 3.0],
-            "min_area_frac": 0.1,
-            "max_area_frac": 1.0,
-            "aspect": [0.5, 2.0],
-            "min_visibility": 0.9,
-            "keep_visibility": 0.5,
-            "max_tries": 50,
-            "min_crop_size": 8,
-        },
-        "resized_crop": {"scale": [0.3, 1.0], "ratio": [0.5, 2.0]},
-    },
-    # Photometric work (hue above all) costs ~linear in pixels: run it on the (S,S) resized image
-    # instead of the full-size one (~2x faster per sample). Brightness/saturation/hue are
-    # per-pixel, so this commutes with crop/flip and, up to interpolation, with the resize; only
-    # contrast's reference mean becomes the crop's mean. false = the issue's literal order.
-    "photometric_after_resize": True,
-    "hflip_p": 0.5,
-    "antialias": True,
-    "sanitize": {"min_size": 1.0, "min_area": 1.0},
-    "fallback": True,
-}
 
 
 class SafeBoxCenteredCrop(v2.Transform):
@@ -269,107 +230,3 @@ class ResizeKeepLargest:
             new["masks"] = F.resize(target["masks"][k : k + 1], list(self.size))
         img = F.resize(image, list(self.size), antialias=self.antialias)
         return F.to_dtype(img, torch.float32, scale=True), new
-
-
-def _merged(cfg: Mapping | None) -> dict[str, Any]:
-    return copy.deepcopy(DEFAULT_AUGMENTATION) if cfg is None else to_plain(cfg)
-
-
-def _tuple(v: Any) -> Any:
-    return tuple(v) if isinstance(v, list) else v
-
-
-def _kwargs(d: Mapping | None) -> dict[str, Any]:
-    return {k: _tuple(v) for k, v in (d or {}).items()}
-
-
-_CROP_TYPES = ("safe_choice", "iou_crop")
-
-
-def build_crop(crop: Mapping, image_size: int = 300) -> list[v2.Transform]:
-    """The crop step(s) of a preset (`crop` section of an augmentation config). RandomResizedCrop
-    outputs (S,S) directly, so the following Resize is a no-op for it."""
-    kind = crop.get("type", "safe_choice")
-    if kind == "safe_choice":
-        return [
-            v2.RandomChoice(
-                [
-                    SafeBoxCenteredCrop(**_kwargs(crop.get("safe_box"))),
-                    v2.RandomResizedCrop(
-                        size=(image_size, image_size), **_kwargs(crop.get("resized_crop"))
-                    ),
-                    v2.Identity(),
-                ],
-                p=list(crop.get("choice_p", [0.5, 0.3, 0.2])),
-            )
-        ]
-    if kind == "iou_crop":
-        steps: list[v2.Transform] = []
-        if crop.get("zoom_out"):
-            steps.append(v2.RandomZoomOut(**_kwargs(crop["zoom_out"])))
-        steps.append(BoundedRandomIoUCrop(**_kwargs(crop.get("iou_crop"))))
-        return steps
-    raise ValueError(f"augmentation.crop.type must be one of {_CROP_TYPES}, got {kind!r}")
-
-
-def build_train_transform(
-    cfg: Mapping | None, image_size: int = 300, with_crop: bool = True
-) -> v2.Compose:
-    """ToImage → PhotometricDistort → crop step → HorizontalFlip → Resize(S,S) → Sanitize → ToDtype
-    (PhotometricDistort right after Resize if `photometric_after_resize`, see the preset).
-
-    Sections that are null/0 in `cfg` are left out; `with_crop=False` is fallback stage 1.
-    """
-    c = _merged(cfg)
-    steps: list[Any] = [v2.ToImage()]
-    photometric = []
-    if c.get("photometric"):
-        photometric = [v2.RandomPhotometricDistort(**_kwargs(c["photometric"]))]
-    after = bool(c.get("photometric_after_resize", False))
-    if not after:
-        steps += photometric
-    if with_crop and c.get("crop"):
-        steps += build_crop(c["crop"], image_size)
-    if c.get("hflip_p", 0):
-        steps.append(v2.RandomHorizontalFlip(p=float(c["hflip_p"])))
-    steps.append(v2.Resize((image_size, image_size), antialias=c.get("antialias", True)))
-    if after:
-        steps += photometric
-    steps.append(v2.SanitizeBoundingBoxes(**_kwargs(c.get("sanitize"))))  # labels travel along
-    steps.append(v2.ToDtype(torch.float32, scale=True))
-    return v2.Compose(steps)
-
-
-def build_eval_transform(image_size: int = 300, antialias: bool = True) -> v2.Compose:
-    """Validation / prediction: ToImage → Resize(S,S) → ToDtype (no sanitize: GT kept as is)."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize((image_size, image_size), antialias=antialias),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
-
-
-def build_fallbacks(cfg: Mapping | None, image_size: int = 300) -> list:
-    """Empty-box fallback stages: [pipeline without the crop step, resize-only keeping the largest
-    box]; empty if the preset disables `fallback`."""
-    c = _merged(cfg)
-    if not c.get("fallback", True):
-        return []
-    return [
-        build_train_transform(c, image_size, with_crop=False),
-        ResizeKeepLargest(image_size, antialias=c.get("antialias", True)),
-    ]
-
-
-__all__ = [
-    "DEFAULT_AUGMENTATION",
-    "BoundedRandomIoUCrop",
-    "ResizeKeepLargest",
-    "SafeBoxCenteredCrop",
-    "build_crop",
-    "build_eval_transform",
-    "build_fallbacks",
-    "build_train_transform",
-]

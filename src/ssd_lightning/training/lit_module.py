@@ -13,31 +13,33 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import logging
-import math
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.detection import MeanAveragePrecision
 
 from ssd_lightning.core.loss import MultiBoxLoss
-from ssd_lightning.core.postprocess import postprocess
+from ssd_lightning.core.postprocess import (
+    EVALUATE_DEFAULTS,
+    PREDICT_DEFAULTS,
+    check_thresholds,
+    postprocess,
+)
 from ssd_lightning.core.ssd import SSD
+from ssd_lightning.core.step import forward_with_loss
+from ssd_lightning.training.checkpoint import CKPT_KEY
+from ssd_lightning.training.run_outputs import log_hparams_tensorboard
 
 log = logging.getLogger(__name__)
 # faster_coco_eval logs the whole COCO summary at INFO on every evaluation; the numbers are logged
 logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 
-PREDICT_DEFAULTS = {"score_threshold": 0.5, "nms_threshold": 0.45, "top_k": 20}
-EVALUATE_DEFAULTS = {"score_threshold": 0.01, "nms_threshold": 0.45, "top_k": 100}
 # the mAP entries logged as scalars (the rest are per-class or per-size tensors / sizes)
 MAP_KEYS = ("map", "map_50", "map_75", "mar_100")
-CKPT_KEY = "ssd_lightning"  # our entry in Lightning checkpoints: net config + thresholds
 
 
 def map_backend() -> str:
@@ -45,31 +47,8 @@ def map_backend() -> str:
     return "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
 
 
-def warmup_cosine(
-    optimizer: Optimizer,
-    total_steps: int,
-    warmup_fraction: float = 0.05,
-    warmup_start_factor: float = 0.01,
-    min_lr_ratio: float = 0.01,
-) -> LambdaLR:
-    """Linear warm-up from ``warmup_start_factor * lr`` to ``lr`` over ``warmup_fraction`` of the
-    steps, then cosine decay to ``min_lr_ratio * lr``."""
-    total = max(1, int(total_steps))
-    warmup = int(round(warmup_fraction * total))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return warmup_start_factor + (1 - warmup_start_factor) * step / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, factor)
-
-
 class NonFiniteLossError(RuntimeError):
     """The loss stayed NaN/inf for too many consecutive steps."""
-
-
 
 
 class SSDLitModule(L.LightningModule):
@@ -99,18 +78,36 @@ class SSDLitModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
-        self.predict_cfg = {**PREDICT_DEFAULTS, **dict(predict or {})}
-        self.eval_cfg = {**EVALUATE_DEFAULTS, **dict(evaluate or {})}
-        self.max_nonfinite_steps = int(max_nonfinite_steps)
+        self.predict_cfg = check_thresholds(
+            {**PREDICT_DEFAULTS, **(predict or {})}, "model.predict"
+        )
+        self.eval_cfg = check_thresholds(
+            {**EVALUATE_DEFAULTS, **(evaluate or {})}, "model.evaluate"
+        )
+        if scheduler_interval not in ("step", "epoch"):
+            raise ValueError(
+                f"model.scheduler_interval={scheduler_interval!r}: allowed values are step, epoch"
+            )
+        if not isinstance(max_nonfinite_steps, int) or max_nonfinite_steps < 1:
+            raise ValueError(
+                f"model.max_nonfinite_steps={max_nonfinite_steps!r}: allowed values are "
+                "integers >= 1"
+            )
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.run_info = dict(run_info or {})
         # Plain values only (factories and modules are rebuilt from the config / checkpoint entry).
         self.save_hyperparameters(
-            {"predict": self.predict_cfg, "evaluate": self.eval_cfg,
-             "max_nonfinite_steps": self.max_nonfinite_steps, "run_info": self.run_info},
+            {
+                "predict": self.predict_cfg,
+                "evaluate": self.eval_cfg,
+                "max_nonfinite_steps": self.max_nonfinite_steps,
+                "run_info": self.run_info,
+            },
             logger=False,
         )
-        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox",
-                                            backend=map_backend())
+        self.val_map = MeanAveragePrecision(
+            box_format="xyxy", iou_type="bbox", backend=map_backend()
+        )
         self.nonfinite_total = 0  # steps skipped, as last read from the device counters
         # device-side counters, read rarely (see on_before_optimizer_step)
         self._nonfinite_total = torch.zeros(())
@@ -124,14 +121,9 @@ class SSDLitModule(L.LightningModule):
         return self.net(images)
 
     def _step(self, batch: Any) -> tuple[Tensor, Tensor, Any]:
-        images = batch.images  # (B,3,S,S), square
-        if images.is_cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
-        gt_norm = batch.boxes / images.shape[-1]  # (B,G,4) xyxy, input pixels -> [0,1]
-        loc, logits = self.net(images)
-        out = self.criterion(loc, logits, gt_norm, batch.labels, batch.mask,
-                             self.net.anchors_cxcywh, self.net.anchors_xyxy)
-        return loc, logits, out
+        return forward_with_loss(
+            self.net, self.criterion, batch.images, batch.boxes, batch.labels, batch.mask
+        )
 
     @staticmethod
     def _fused(optimizer: Optimizer) -> bool:
@@ -165,8 +157,12 @@ class SSDLitModule(L.LightningModule):
     def _check_nonfinite(self) -> None:
         total, streak = int(self._nonfinite_total.item()), int(self._nonfinite_streak.item())
         if total > self.nonfinite_total:
-            log.warning("non-finite loss/gradients: %d step(s) skipped since step %d (%d in total)",
-                        total - self.nonfinite_total, self._checked_step, total)
+            log.warning(
+                "non-finite loss/gradients: %d step(s) skipped since step %d (%d in total)",
+                total - self.nonfinite_total,
+                self._checked_step,
+                total,
+            )
             self.nonfinite_total = total
         self._checked_step = self.global_step
         if streak >= self.max_nonfinite_steps:
@@ -190,8 +186,15 @@ class SSDLitModule(L.LightningModule):
             if bad.item():
                 return None  # Lightning skips backward and the optimizer step
         # the progress bar reads it (a host sync) at its refresh rate, log_every_n_steps by default
-        self.log("train/loss", out.total, on_step=True, on_epoch=True, prog_bar=True,
-                 sync_dist=True, batch_size=bs)
+        self.log(
+            "train/loss",
+            out.total,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=bs,
+        )
         fallback = getattr(batch, "fallback", None)
         stats = {
             "train/loss_box": out.box,
@@ -213,30 +216,42 @@ class SSDLitModule(L.LightningModule):
         hw = batch.orig_sizes.to(batch.boxes)  # (B,2) (h, w)
         scale = torch.stack([hw[:, 1] / w, hw[:, 0] / h, hw[:, 1] / w, hw[:, 0] / h], -1)
         boxes = batch.boxes * scale[:, None]  # (B,G,4) xyxy original pixels
-        return [{"boxes": b[m], "labels": lab[m]}
-                for b, lab, m in zip(boxes, batch.labels, batch.mask, strict=True)]
+        return [
+            {"boxes": b[m], "labels": lab[m]}
+            for b, lab, m in zip(boxes, batch.labels, batch.mask, strict=True)
+        ]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loc, logits, out = self._step(batch)
-        self.log("val/loss", out.total, on_step=False, on_epoch=True, prog_bar=True,
-                 sync_dist=True, batch_size=len(batch.images))
-        preds = postprocess(loc, logits, self.net.anchors_cxcywh, batch.orig_sizes,
-                            **self.eval_cfg)
+        self.log(
+            "val/loss",
+            out.total,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            sync_dist=True,
+            batch_size=len(batch.images),
+        )
+        preds = postprocess(loc, logits, self.net.anchors_cxcywh, batch.orig_sizes, **self.eval_cfg)
         self.val_map.update(preds, self._targets(batch))
 
     def on_validation_epoch_end(self) -> None:
         result = self.val_map.compute()  # synced across ranks by torchmetrics
         self.val_map.reset()
-        self.last_map = {k: float(v) for k, v in result.items()
-                         if isinstance(v, Tensor) and v.numel() == 1 and k != "classes"}
+        self.last_map = {
+            k: float(v)
+            for k, v in result.items()
+            if isinstance(v, Tensor) and v.numel() == 1 and k != "classes"
+        }
         # Only scalars are logged: per-class / per-size entries are tensors or -1 placeholders.
         # sync_dist only averages identical values; it keeps Lightning's DDP check quiet
         for k in MAP_KEYS:
             self.log(f"val/{k}", result[k].float(), prog_bar=k == "map_50", sync_dist=True)
 
     # ---------------------------------------------------------------------------------------------
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0
-                     ) -> list[dict[str, Any]]:
+    def predict_step(
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> list[dict[str, Any]]:
         """Detections per image, boxes xyxy in original image pixels (prediction thresholds)."""
         dets = self.net.detect(batch.images, batch.orig_sizes, **self.predict_cfg)
         names = getattr(batch, "names", None) or [None] * len(dets)
@@ -252,22 +267,26 @@ class SSDLitModule(L.LightningModule):
             return optimizer
         kwargs: dict[str, Any] = {}
         if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
-            kwargs["total_steps"] = (int(self.trainer.estimated_stepping_batches)
-                                     if self.scheduler_interval == "step"
-                                     else int(self.trainer.max_epochs))
+            kwargs["total_steps"] = (
+                int(self.trainer.estimated_stepping_batches)
+                if self.scheduler_interval == "step"
+                else int(self.trainer.max_epochs)
+            )
         scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }
 
     # ---------------------------------------------------------------------------------------------
     def hparams_for_logging(self) -> dict[str, Any]:
         """The flat dict shown in TensorBoard's HPARAMS tab."""
-        info = dict(self.run_info)
-        info["backbone_weights"] = getattr(self.net, "weights_source", "?")
-        info["num_anchors"] = int(self.net.anchors_cxcywh.shape[0])
-        info["image_size"] = int(getattr(self.net, "image_size", 0))
-        return {k: (v if isinstance(v, int | float | str | bool) else str(v))
-                for k, v in info.items()}
+        return {
+            **self.run_info,
+            "backbone_weights": getattr(self.net, "weights_source", "?"),
+            "num_anchors": self.net.num_anchors,
+            "image_size": self.net.image_size,
+        }
 
     def on_fit_start(self) -> None:
         if self.device.type == "cuda":  # NHWC convolutions run faster on tensor cores
@@ -279,7 +298,7 @@ class SSDLitModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_total = int(self._nonfinite_total.item())
-        # enough to rebuild the network without Hydra (see load_net)
+        # enough to rebuild the network without Hydra (see training.checkpoint)
         checkpoint[CKPT_KEY] = {
             "net_config": dict(self.net.config),
             "predict": dict(self.predict_cfg),
@@ -291,67 +310,3 @@ class SSDLitModule(L.LightningModule):
         self.nonfinite_total = int(checkpoint.get(CKPT_KEY, {}).get("nonfinite_total", 0))
         self._nonfinite_total = torch.tensor(float(self.nonfinite_total))
         self._nonfinite_streak = torch.zeros(())
-
-
-def log_hparams_tensorboard(trainer: L.Trainer, params: Mapping[str, Any]) -> None:
-    """Write the HPARAMS-tab summary into every TensorBoard logger's run.
-
-    The metric columns are the scalar tags the run logs (val/map_50, val/map, train/loss_epoch);
-    TensorBoard shows their latest value, so the final mAP appears without logging a fake 0 at
-    step 0 (which ``TensorBoardLogger.log_hyperparams(params, metrics)`` would do).
-    """
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from torch.utils.tensorboard.summary import hparams
-
-    if trainer.global_rank != 0:
-        return
-    metrics = dict.fromkeys(("val/map_50", "val/map", "train/loss_epoch"), float("nan"))
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(dict(params))  # hparams.yaml next to the events
-            exp, ssi, sei = hparams(dict(params), metrics)
-            writer = logger.experiment._get_file_writer()
-            for summary in (exp, ssi, sei):
-                writer.add_summary(summary)
-            writer.flush()
-
-
-# -------------------------------------------------------------------------------------------------
-# loading a trained network without Hydra
-
-
-def load_net(path: str | Path, map_location: str | torch.device = "cpu"
-             ) -> tuple[SSD, dict[str, Any]]:
-    """Rebuild the ``SSD`` from a Lightning ``.ckpt`` or an exported ``.pt``.
-
-    Returns the network in eval mode and the info stored with it (``predict`` / ``evaluate``
-    thresholds when known).
-    """
-    from ssd_lightning.core.ssd import load_model
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path}: no such file (a Lightning .ckpt from "
-                                "<run>/checkpoints/ or an exported ssd_resnet34_pennfudan_best.pt)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"ckpt_path={path}: cannot read it as a PyTorch checkpoint ({e})") from e
-    if not isinstance(blob, dict):
-        raise ValueError(f"ckpt_path={path}: not a checkpoint (a {type(blob).__name__})")
-    if "config" in blob and "state_dict" in blob:  # export_model's file
-        net = load_model(path, map_location=map_location)
-        info = {k: v for k, v in blob.items() if k not in ("config", "state_dict")}
-        return net, info
-    if CKPT_KEY not in blob or "state_dict" not in blob:
-        raise ValueError(f"ckpt_path={path}: neither a ssd_lightning Lightning checkpoint nor a "
-                         "model exported by ssd_lightning (ssd_resnet34_pennfudan_best.pt)")
-    entry = blob[CKPT_KEY]
-    net = SSD(**{**entry["net_config"], "weights": "none"})
-    state = {k[len("net."):]: v for k, v in blob["state_dict"].items() if k.startswith("net.")}
-    net.load_state_dict(state)
-    net.config["weights"] = entry["net_config"].get("weights", "none")
-    info = {"predict": entry.get("predict", PREDICT_DEFAULTS),
-            "evaluate": entry.get("evaluate", EVALUATE_DEFAULTS),
-            "epoch": blob.get("epoch"), "global_step": blob.get("global_step")}
-    return net.to(map_location).eval(), info

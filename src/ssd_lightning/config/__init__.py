@@ -1,0 +1,14 @@
+"""Configuration: where conf/ lives, Hydra glue, start-up validation and the command-line exit path.
+
+- ``paths``       the one lookup of the project root and conf/ (``SSD_LIGHTNING_ROOT``,
+                  ``SSD_LIGHTNING_CONF_DIR``), and presets read from it
+- ``resolvers``   the ``${ssd_*:}`` interpolations the YAML files use
+- ``compose``     composing configs outside ``@hydra.main`` and instantiating with clear errors
+- ``validation``  cross-field checks of a composed config, before anything heavy is built
+- ``job_status``  the Hydra callback that writes ``<job dir>/job_status.json``
+- ``cli``         the one error / exit path of every command-line tool
+"""
+
+from ssd_lightning.config.errors import ConfigError
+
+__all__ = ["ConfigError"]

@@ -1,0 +1,111 @@
+"""The one way every command-line tool starts and fails.
+
+A user mistake (a config value, a missing file, unreadable data) ends a tool with ONE message that
+names the key or the file, on stderr, and exit status 2 - never a traceback. Inside a Hydra sweep
+(``-m``) the failing job is recorded as FAILED (with its message, in ``job_status.json``) and the
+sweep goes on with the next job; the process then exits non-zero at the end.
+
+- ``hydra_main(config_name, task)``: the ``main()`` of a Hydra tool (train, evaluate, predict)
+- ``run_tool(fn)``: the same error handling for the argparse tools (anchors, summarize, benchmark)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException, HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
+
+import ssd_lightning.config.resolvers  # noqa: F401 - the ${ssd_*:} resolvers, before composing
+from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.config.paths import config_dir
+from ssd_lightning.data.dataset import DatasetReadError
+from ssd_lightning.data.download import DownloadError
+from ssd_lightning.data.images import InputError
+from ssd_lightning.data.manifest import DatasetIntegrityError
+from ssd_lightning.training.checkpoint import CheckpointError
+
+log = logging.getLogger("ssd_lightning")
+
+# (error types, the word the message starts with)
+USER_ERRORS: tuple[tuple[tuple[type[BaseException], ...], str], ...] = (
+    ((ConfigError, MissingMandatoryValue, HydraException), "Config error"),
+    ((DatasetIntegrityError, DatasetReadError, DownloadError), "Data error"),
+    ((InputError, CheckpointError, FileNotFoundError), "Error"),
+)
+_ALL_USER_ERRORS = tuple(t for types, _ in USER_ERRORS for t in types)
+
+
+class JobFailed(CompactHydraException):
+    """A sweep job's user error: Hydra marks the job FAILED, runs the rest, and prints this
+    message (no traceback) at the end."""
+
+
+def kind_of(error: BaseException) -> str:
+    return next(kind for types, kind in USER_ERRORS if isinstance(error, types))
+
+
+def exit_with_error(error: BaseException | str, kind: str = "Error") -> NoReturn:
+    """One message on stderr, exit status 2."""
+    print(f"\n{kind}: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def route_library_logs() -> None:
+    """Send Lightning's messages (when the tool uses Lightning) and Python warnings through
+    Hydra's logging (console + <run dir>/<task>.log), once each."""
+    if "lightning" not in sys.modules:  # predict runs without Lightning: nothing to reroute
+        logging.captureWarnings(True)
+        return
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    # Lightning triggers this deprecation itself with recent torch; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    logging.captureWarnings(True)  # warnings (e.g. random-init weights) land in the run's log
+
+
+def _in_sweep() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], None]:
+    """The ``main()`` of a Hydra tool: ``conf/<config_name>.yaml``, library logs routed, user
+    mistakes reported as one message (exit 2; in a sweep: the job FAILED, the sweep goes on)."""
+
+    def run(cfg: DictConfig) -> Any:
+        route_library_logs()
+        try:
+            return task(cfg)
+        except _ALL_USER_ERRORS as e:
+            kind = kind_of(e)
+            log.error("%s: %s", kind, e)  # into the job's log file too
+            if _in_sweep():
+                raise JobFailed(f"{kind}: {e}") from None
+            exit_with_error(e, kind)
+
+    def main() -> None:
+        try:
+            path = str(config_dir())
+        except ConfigError as e:
+            exit_with_error(e, "Config error")
+        hydra.main(version_base="1.3", config_path=path, config_name=config_name)(run)()
+
+    return main
+
+
+def run_tool(fn: Callable[[], Any]) -> Any:
+    """Run an argparse tool's body with the same error handling as the Hydra tools."""
+    try:
+        return fn()
+    except _ALL_USER_ERRORS as e:
+        exit_with_error(e, kind_of(e))

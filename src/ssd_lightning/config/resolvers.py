@@ -1,0 +1,53 @@
+"""The ``${ssd_*:...}`` resolvers the YAML configs use. Registered on import of this module,
+which every entry point and ``compose`` import first.
+
+- ``${ssd_root:}``                    the project root (``config.paths.project_root``)
+- ``${ssd_monitor:<val_size>}``       the best-checkpoint metric: val/map_50, or train/loss
+                                      without a validation split (the original recipe)
+- ``${ssd_monitor_mode:<val_size>}``  max for val/map_50, min for train/loss
+- ``${ssd_precision:<accelerator>}``  bf16-mixed where the run uses a GPU with bf16, else 32-true
+- ``${ssd_options:<group>}``          the options of a config group (for the --help texts)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from ssd_lightning.config.paths import available_options, project_root
+
+
+def _as_int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def monitor(val_size: Any) -> str:
+    return "val/map_50" if _as_int(val_size, 1) > 0 else "train/loss"
+
+
+def monitor_mode(val_size: Any) -> str:
+    return "max" if _as_int(val_size, 1) > 0 else "min"
+
+
+def auto_precision(accelerator: Any = "auto") -> str:
+    """bf16-mixed where the run will use a GPU that supports it (the fast path), else 32-true."""
+    on_gpu = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("ssd_root", lambda: str(project_root()), replace=True)
+    OmegaConf.register_new_resolver("ssd_monitor", monitor, replace=True)
+    OmegaConf.register_new_resolver("ssd_monitor_mode", monitor_mode, replace=True)
+    OmegaConf.register_new_resolver("ssd_precision", auto_precision, replace=True)
+    OmegaConf.register_new_resolver(
+        "ssd_options", lambda group: ", ".join(available_options(group)), replace=True
+    )
+
+
+register_resolvers()

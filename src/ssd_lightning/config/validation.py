@@ -1,0 +1,87 @@
+"""Cross-field checks of a composed train / evaluate config, before anything heavy is built.
+
+Each constructor checks its own values (``SSD``, ``MultiBoxLoss``, ``SSDLitModule``, the
+DataModule, the transforms) and names its config key; ``compose.instantiate_checked`` turns those
+errors into ``ConfigError``. What no single constructor can see is checked here: the anchor
+preset against the backbone's feature maps, the data's image size against the network's, the
+optimizer's values (its constructor only runs inside the fit), and the checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.config.paths import available_options
+from ssd_lightning.core.anchors import anchor_pairs
+from ssd_lightning.core.backbone import NUM_FEATURE_MAPS
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def _anchor_errors(cfg: DictConfig) -> list[str]:
+    anchors = _get(cfg, "anchors")
+    if anchors is None:
+        return ["anchors: missing; select a preset with anchors=<name>"]
+    plain = (
+        OmegaConf.to_container(anchors, resolve=True) if OmegaConf.is_config(anchors) else anchors
+    )
+    name = plain.get("name", "?") if isinstance(plain, Mapping) else "?"
+    presets = ", ".join(available_options("anchors"))
+    where = f"(preset {name}, conf/anchors/{name}.yaml; presets: {presets})"
+    if not isinstance(plain, Mapping):
+        return [f"anchors: expected a preset mapping, got {plain!r} {where}"]
+    try:
+        pairs = anchor_pairs(plain)
+    except (ValueError, TypeError) as e:
+        return [f"{e} {where}"]
+    n = NUM_FEATURE_MAPS
+    if len(pairs) != n:
+        return [
+            f"anchors: the preset describes {len(pairs)} feature maps but the ResNet-34 SSD has "
+            f"{n}: give anchors.scales {n + 1} values with extra_square=true ({n} without), or "
+            f"{n} per-map lists in anchors.ratios / anchors.pairs {where}"
+        ]
+    return []
+
+
+def _optimizer_errors(cfg: DictConfig) -> list[str]:
+    node = _get(cfg, "model.optimizer")
+    if node is None:
+        return []
+    try:  # the optimizer checks its own values (lr, betas, ...); ask it now, on a dummy parameter
+        instantiate(node)(params=[torch.zeros(1, requires_grad=True)])
+    except Exception as e:  # noqa: BLE001 - whatever the constructor rejects is a config error
+        return [f"optimizer: {e}"]
+    return []
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check a composed train / evaluate config; raise ``ConfigError`` listing every problem."""
+    errors: list[str] = []
+    if _get(cfg, "model.net") is not None:
+        errors += _anchor_errors(cfg)
+    errors += _optimizer_errors(cfg)
+    data_size, net_size = _get(cfg, "data.image_size"), _get(cfg, "model.net.image_size")
+    if data_size is not None and net_size is not None and data_size != net_size:
+        errors.append(
+            f"data.image_size={data_size} but model.net.image_size={net_size}: the images must be "
+            "resized to the network input; set both (data.image_size follows model.net.image_size "
+            "by default)"
+        )
+    ckpt = _get(cfg, "ckpt_path")
+    if ckpt is not None and not Path(str(ckpt)).expanduser().is_file():
+        errors.append(
+            f"ckpt_path={ckpt}: no such file (give a .ckpt written by a training run, "
+            "e.g. outputs/<date>/<time>/checkpoints/last.ckpt)"
+        )
+    if errors:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,51 @@
+"""Image files -> uint8 RGB tensors: the one reader of photos, for the dataset and for predict.
+
+Any mode PIL opens becomes (3, H, W) uint8 RGB: grayscale, palette and CMYK are converted;
+16-bit and float grayscale are scaled to 0..255 (PIL's own ``convert`` would clip them to white);
+transparent areas become white (not whatever colour hides under alpha 0); the EXIF orientation
+is applied, as phones store it. Unreadable files, and images over PIL's decompression-bomb limit,
+raise ``InputError`` naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+_HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+class InputError(ValueError):
+    """A missing or unreadable input; the message names it."""
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in _HIGH_BIT_MODES:
+        arr = np.asarray(im, dtype=np.float32)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        im = Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB")
+
+
+def read_rgb(path: str | Path, exif_transpose: bool = True) -> Tensor:
+    """Any image file -> uint8 (3, H, W) RGB. ``exif_transpose``: apply the EXIF orientation
+    (photos; a dataset whose annotations refer to the stored pixels passes False)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = np.array(_to_rgb(ImageOps.exif_transpose(im) if exif_transpose else im))
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{path}: too large to decode safely ({e})") from e
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"{path}: cannot read it as an image ({e})") from e
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()

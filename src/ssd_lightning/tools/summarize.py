@@ -1,0 +1,302 @@
+"""Summarize a Hydra multirun: ``python -m ssd_lightning.summarize <multirun dir> [--metric M]
+[--out DIR] [--ascending]``.
+
+One row per job dir (a folder holding ``.hydra/overrides.yaml``): its overrides and its final
+metrics from ``<job>/metrics.json`` (written by the training run: val/map_50, val/map, train/loss,
+epochs, wall time), sorted by ``--metric`` (best first; losses ascending). Printed as a table and
+written to ``<out>/summary.csv``, ``<out>/summary.md`` and ``<out>/summary.png`` (a bar chart of the
+metric). Jobs without a ``metrics.json`` are kept and marked ``failed`` (with the last error line of
+their log when there is one); a job whose metric is missing or not finite is marked ``no metric``.
+
+A job's ``job_status.json`` (Hydra's COMPLETED / FAILED with the exception, written by
+``config.job_status.JobStatusCallback``) decides its status when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ssd_lightning.config.job_status import read_job_status
+from ssd_lightning.visualize import figure_to_png, plot_summary
+
+DEFAULT_METRIC = "val/map_50"
+# (column, metrics.json keys tried in order)
+METRIC_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
+    ("val/map_50", ("val/map_50",)),
+    ("val/map", ("val/map",)),
+    ("train/loss", ("train/loss", "train/loss_epoch")),
+    ("epochs", ("epoch", "epochs")),
+    ("wall_s", ("wall_time_s",)),
+]
+OK, FAILED, NO_METRIC = "ok", "failed", "no metric"
+
+
+@dataclass
+class Job:
+    """One job of a sweep. ``metrics`` holds every scalar of metrics.json."""
+
+    name: str  # path relative to the multirun dir, e.g. "0"
+    path: Path
+    overrides: dict[str, str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    status: str = OK
+    note: str = ""
+
+    def value(self, column: str) -> float | None:
+        keys = dict(METRIC_COLUMNS).get(column, (column,))
+        for k in keys:
+            v = self.metrics.get(k)
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                return float(v) if math.isfinite(v) else None
+        return None
+
+
+def _read_overrides(job_dir: Path) -> dict[str, str]:
+    path = job_dir / ".hydra" / "overrides.yaml"
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError) as e:
+        return {"<overrides>": f"unreadable: {e}"}
+    out = {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        out[key] = value
+    return out
+
+
+def _last_error(job_dir: Path) -> str:
+    """The last ERROR / exception line of the job's Hydra log(s), or ""."""
+    error = ""
+    for log_file in sorted(job_dir.glob("*.log")):
+        try:
+            lines = log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if "[ERROR]" in line or re.match(r"^\w+(Error|Exception)\b", line):
+                error = line.strip()
+    return error
+
+
+def one_line(error: str) -> str:
+    """An error message (possibly "invalid configuration:" + one "- item" per line) as one line:
+    the items joined with "; "."""
+    lines = [ln.strip().removeprefix("- ") for ln in str(error).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if not ln.endswith("invalid configuration:")] or lines
+    return "; ".join(lines)
+
+
+def find_jobs(multirun_dir: str | Path) -> list[Job]:
+    """Every job dir under ``multirun_dir`` (any depth), read. Raises FileNotFoundError with a
+    message that names the folder when it is missing or holds no job."""
+    root = Path(multirun_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"multirun dir {root} does not exist")
+    job_dirs = sorted(
+        (p.parent.parent for p in root.rglob(".hydra/overrides.yaml")),
+        key=lambda p: [int(s) if s.isdigit() else s for s in p.relative_to(root).parts],
+    )
+    if not job_dirs:
+        raise FileNotFoundError(
+            f"{root}: no Hydra job dirs (folders with .hydra/overrides.yaml); pass the sweep dir, "
+            "e.g. outputs/multirun/<date>/<time>"
+        )
+    jobs = []
+    for d in job_dirs:
+        job = Job(name=str(d.relative_to(root)) or ".", path=d, overrides=_read_overrides(d))
+        metrics_path = d / "metrics.json"
+        if metrics_path.is_file():
+            try:
+                raw = json.loads(metrics_path.read_text())
+                job.metrics = {k: v for k, v in raw.items() if not isinstance(v, dict | list)}
+            except (OSError, json.JSONDecodeError) as e:
+                job.status, job.note = FAILED, f"unreadable metrics.json: {e}"
+        else:
+            job.status = FAILED
+            job.note = _last_error(d) or "no metrics.json (crashed, killed or still running)"
+        hydra_status = read_job_status(d)
+        if hydra_status.get("status") == "FAILED":  # Hydra's word wins over a stale metrics.json
+            job.status = FAILED
+            job.note = one_line(hydra_status.get("error") or job.note)
+        jobs.append(job)
+    return jobs
+
+
+def sort_jobs(jobs: Sequence[Job], metric: str, ascending: bool | None = None) -> list[Job]:
+    """Best first by ``metric``; ascending for losses unless told; failed jobs and jobs without
+    the metric last (in their original order)."""
+    if ascending is None:
+        ascending = "loss" in metric
+    ranked = [j.status == OK and j.value(metric) is not None for j in jobs]
+    with_value = [j for j, r in zip(jobs, ranked, strict=True) if r]
+    without = [j for j, r in zip(jobs, ranked, strict=True) if not r]
+    with_value.sort(key=lambda j: j.value(metric), reverse=not ascending)
+    for j in without:
+        if j.status == OK:
+            j.status, j.note = NO_METRIC, j.note or f"{metric} missing or not finite"
+    return with_value + without
+
+
+def _columns(jobs: Sequence[Job], metric: str) -> tuple[list[str], list[str], dict[str, str]]:
+    """(varying override keys, metric columns, overrides common to all jobs)."""
+    keys: list[str] = []
+    for j in jobs:
+        keys += [k for k in j.overrides if k not in keys]
+    common = {}
+    varying = []
+    for k in keys:
+        values = {j.overrides.get(k) for j in jobs}
+        if len(values) == 1 and len(jobs) > 1:
+            common[k] = next(iter(values)) or ""
+        else:
+            varying.append(k)
+    metric_cols = [c for c, _ in METRIC_COLUMNS]
+    if metric not in metric_cols:
+        metric_cols.insert(0, metric)
+    return varying, metric_cols, common
+
+
+def _fmt(v: float | None, column: str) -> str:
+    if v is None:
+        return "-"
+    if column == "epochs":
+        return str(int(v))
+    if column == "wall_s":
+        return f"{v:.1f}"
+    return f"{v:.4f}"
+
+
+def rows(jobs: Sequence[Job], metric: str, all_overrides: bool = False) -> list[dict[str, str]]:
+    """Table rows (strings): job, status, overrides, metrics, note."""
+    varying, metric_cols, common = _columns(jobs, metric)
+    keys = list(common) + varying if all_overrides else varying
+    out = []
+    for rank, j in enumerate(jobs, start=1):
+        row = {"rank": str(rank), "job": j.name, "status": j.status}
+        row.update({k: j.overrides.get(k, "") for k in keys})
+        row.update({c: _fmt(j.value(c), c) for c in metric_cols})
+        row["note"] = j.note
+        out.append(row)
+    return out
+
+
+def format_table(table: list[dict[str, str]]) -> str:
+    """Fixed-width text table."""
+    if not table:
+        return "(no jobs)"
+    cols = list(table[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in table)) for c in cols}
+    line = "  ".join(c.ljust(widths[c]) for c in cols)
+    rule = "  ".join("-" * widths[c] for c in cols)
+    body = ["  ".join(r[c].ljust(widths[c]) for c in cols) for r in table]
+    return "\n".join([line, rule, *body])
+
+
+def format_markdown(table: list[dict[str, str]], header: str = "") -> str:
+    cols = list(table[0]) if table else ["job"]
+
+    def cell(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    lines = [header, ""] if header else []
+    lines.append("| " + " | ".join(cell(c) for c in cols) + " |")
+    lines.append("|" + "|".join("---" for _ in cols) + "|")
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in table]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(jobs: Sequence[Job], metric: str, title: str) -> Any:
+    varying, _, _ = _columns(jobs, metric)
+    labels, values, notes = [], [], []
+    for j in jobs:
+        desc = ", ".join(f"{k}={j.overrides[k]}" for k in varying if k in j.overrides) or j.name
+        v = j.value(metric) if j.status == OK else None
+        labels.append(f"{j.name}: {desc}" + ("" if v is not None else f"  [{j.status}]"))
+        values.append(v)
+        notes.append(j.status)
+    return plot_summary(labels, values, metric, notes, title)
+
+
+def summarize(
+    multirun_dir: str | Path,
+    metric: str = DEFAULT_METRIC,
+    out: str | Path | None = None,
+    ascending: bool | None = None,
+) -> tuple[list[Job], dict[str, Path]]:
+    """Read, sort and write the summary of a multirun. Returns (sorted jobs, written files)."""
+    root = Path(multirun_dir)
+    jobs = sort_jobs(find_jobs(root), metric, ascending)
+    outdir = Path(out) if out is not None else root
+    outdir.mkdir(parents=True, exist_ok=True)
+    _, _, common = _columns(jobs, metric)
+    files = {
+        "csv": outdir / "summary.csv",
+        "md": outdir / "summary.md",
+        "png": outdir / "summary.png",
+    }
+    full = rows(jobs, metric, all_overrides=True)
+    with files["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(full[0]))
+        writer.writeheader()
+        writer.writerows(full)
+    n_failed = sum(j.status == FAILED for j in jobs)
+    up = ascending if ascending is not None else "loss" in metric
+    header = (
+        f"# Sweep summary: {root}\n\nSorted by `{metric}` "
+        f"({'ascending' if up else 'descending'}). {len(jobs)} jobs, {n_failed} failed."
+    )
+    if common:
+        header += "\n\nCommon overrides: " + " ".join(f"`{k}={v}`" for k, v in common.items())
+    files["md"].write_text(format_markdown(rows(jobs, metric), header))
+    figure_to_png(_plot(jobs, metric, title=f"{root.name}: {metric}"), files["png"])
+    return jobs, files
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m ssd_lightning.summarize",
+        description="Summarize a Hydra multirun of ssd_lightning.train: one row per job with its "
+        "overrides and final metrics, sorted; writes summary.csv, summary.md, summary.png.",
+    )
+    parser.add_argument("multirun_dir", help="the sweep dir, e.g. outputs/multirun/<date>/<time>")
+    parser.add_argument(
+        "--metric",
+        default=DEFAULT_METRIC,
+        help=f"sort key, any key of metrics.json (default {DEFAULT_METRIC}; "
+        "also: val/map, train/loss, epochs, wall_s)",
+    )
+    parser.add_argument("--out", default=None, help="output folder (default: the multirun dir)")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument(
+        "--ascending",
+        dest="ascending",
+        action="store_true",
+        default=None,
+        help="smallest first (default for metrics with 'loss' in the name)",
+    )
+    order.add_argument(
+        "--descending",
+        dest="ascending",
+        action="store_false",
+        help="largest first (default otherwise)",
+    )
+    args = parser.parse_args(argv)
+    jobs, files = summarize(args.multirun_dir, args.metric, args.out, args.ascending)
+    _, _, common = _columns(jobs, args.metric)
+    if common:
+        print("common overrides: " + " ".join(f"{k}={v}" for k, v in common.items()))
+    print(format_table(rows(jobs, args.metric)))
+    failed = [j.name for j in jobs if j.status == FAILED]
+    if failed:
+        print(f"\n{len(failed)} failed job(s): {', '.join(failed)}")
+    print("\nwritten: " + ", ".join(str(p) for p in files.values()))

@@ -1,0 +1,63 @@
+"""From a composed train config to the objects of a fit: the LightningModule (with its network,
+loss, optimizer and scheduler), the DataModule and the Trainer with its loggers and callbacks.
+Every object comes from its ``_target_``; a constructor's complaint becomes a ``ConfigError``
+naming the key."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from omegaconf import DictConfig
+
+from ssd_lightning.config.compose import instantiate_checked
+from ssd_lightning.config.validation import validate_config
+from ssd_lightning.training.callbacks import AugmentationPreview
+from ssd_lightning.training.lit_module import SSDLitModule
+from ssd_lightning.training.run_outputs import run_info
+
+log = logging.getLogger(__name__)
+
+# callbacks that only write into a logger (PredictionImages also writes PNGs: it stays)
+_NEED_LOGGER = (LearningRateMonitor, AugmentationPreview)
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    return [
+        instantiate_checked(node, f"logger.{key}")
+        for key, node in (cfg.get("logger") or {}).items()
+        if isinstance(node, DictConfig) and node.get("_target_")
+    ]
+
+
+def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[Callback]:
+    out = []
+    for key, node in (cfg.get("callbacks") or {}).items():
+        if not (isinstance(node, DictConfig) and node.get("_target_")):
+            continue
+        if key == "progress_bar" and not cfg.trainer.get("enable_progress_bar", True):
+            continue
+        cb = instantiate_checked(node, f"callbacks.{key}")
+        if isinstance(cb, _NEED_LOGGER) and not has_logger:
+            log.info("logger=none: callbacks.%s needs a logger, left out", key)
+            continue
+        out.append(cb)
+    return out
+
+
+def build(
+    cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
+) -> tuple[SSDLitModule, L.LightningDataModule, L.Trainer]:
+    """Validate ``cfg`` and build (module, datamodule, trainer)."""
+    validate_config(cfg)
+    module = instantiate_checked(cfg.model, "model", run_info=run_info(cfg))
+    datamodule = instantiate_checked(cfg.data, "data")
+    loggers = build_loggers(cfg)
+    callbacks = [*build_callbacks(cfg, has_logger=bool(loggers)), *extra_callbacks]
+    trainer = instantiate_checked(
+        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False
+    )
+    return module, datamodule, trainer

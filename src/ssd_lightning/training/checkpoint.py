@@ -1,0 +1,118 @@
+"""The one reader (and the writer) of trained-model files.
+
+Two kinds of file hold a trained network:
+
+- a Lightning checkpoint ``<run>/checkpoints/*.ckpt``: the whole training state; our entry
+  ``checkpoint["ssd_lightning"]`` holds the network's constructor config and the thresholds
+  (written by ``SSDLitModule.on_save_checkpoint``), the weights are ``state_dict["net.*"]``;
+- the exported ``<run>/ssd_resnet34_pennfudan_best.pt``: ``{"config": SSD constructor args,
+  "state_dict": ..., "predict": ..., "evaluate": ..., "class_names": ...}``, no Lightning needed.
+
+Both are read with ``torch.load(weights_only=True)``: a file that would run code when unpickled
+is refused. This module imports no Lightning (``predict`` uses it on the exported file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssd_lightning.core.postprocess import EVALUATE_DEFAULTS, PREDICT_DEFAULTS
+from ssd_lightning.core.ssd import SSD
+
+CKPT_KEY = "ssd_lightning"  # our entry in Lightning checkpoints
+NET_PREFIX = "net."  # the network's keys in a Lightning checkpoint's state_dict
+
+
+class CheckpointError(ValueError):
+    """A model file that is missing, unreadable or not written by ssd_lightning."""
+
+
+def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+    """A .ckpt / .pt file as a dict, loaded weights-only; ``key`` names the config entry."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(
+            f"{key}={path}: no such file (a Lightning .ckpt from <run>/checkpoints/ or an "
+            "exported ssd_resnet34_pennfudan_best.pt)"
+        )
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or unsafe: one clear message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{key}={path}: cannot read it as a PyTorch checkpoint ({first})"
+        ) from None
+    if not isinstance(blob, dict):
+        raise CheckpointError(f"{key}={path}: not a checkpoint (a {type(blob).__name__})")
+    return blob
+
+
+def is_exported(blob: dict[str, Any]) -> bool:
+    return "config" in blob and "state_dict" in blob and CKPT_KEY not in blob
+
+
+def net_config(blob: dict[str, Any], path: str | Path = "?") -> dict[str, Any]:
+    """The ``SSD`` constructor arguments stored in a checkpoint or exported file."""
+    if is_exported(blob):
+        return dict(blob["config"])
+    if CKPT_KEY in blob and "state_dict" in blob:
+        return dict(blob[CKPT_KEY]["net_config"])
+    raise CheckpointError(
+        f"ckpt_path={path}: neither a ssd_lightning Lightning checkpoint nor a model exported by "
+        "ssd_lightning (ssd_resnet34_pennfudan_best.pt)"
+    )
+
+
+def net_state(blob: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The network's state dict from either kind of file."""
+    if is_exported(blob):
+        return blob["state_dict"]
+    n = len(NET_PREFIX)
+    return {k[n:]: v for k, v in blob["state_dict"].items() if k.startswith(NET_PREFIX)}
+
+
+def build_net(config: dict[str, Any], state: dict[str, torch.Tensor], path: str | Path) -> SSD:
+    """An ``SSD`` from its constructor config and weights (no ImageNet weights fetched)."""
+    try:
+        net = SSD(**{**config, "weights": "none"})
+        net.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"ckpt_path={path}: its network does not load ({e})") from e
+    net.config["weights"] = config.get("weights", "none")
+    return net
+
+
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[SSD, dict[str, Any]]:
+    """The network of a Lightning ``.ckpt`` or an exported ``.pt``, in eval mode, and the info
+    stored with it: ``predict`` / ``evaluate`` thresholds, ``class_names``, ``epoch``,
+    ``global_step`` (where known)."""
+    blob = read_checkpoint(path)
+    net = build_net(net_config(blob, path), net_state(blob), path)
+    if is_exported(blob):
+        info = {k: v for k, v in blob.items() if k not in ("config", "state_dict")}
+    else:
+        entry = blob[CKPT_KEY]
+        info = {
+            "predict": entry.get("predict"),
+            "evaluate": entry.get("evaluate"),
+            "class_names": entry.get("class_names"),
+            "epoch": blob.get("epoch"),
+            "global_step": blob.get("global_step"),
+        }
+    info["predict"] = {**PREDICT_DEFAULTS, **(info.get("predict") or {})}
+    info["evaluate"] = {**EVALUATE_DEFAULTS, **(info.get("evaluate") or {})}
+    return net.to(map_location).eval(), info
+
+
+def export_model(net: SSD, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write the Lightning-free file: the state dict, the constructor config and ``extra``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    torch.save({"config": dict(net.config), "state_dict": state, **(extra or {})}, path)
+    return path

@@ -1,0 +1,120 @@
+"""What a run leaves besides its checkpoints: ``metrics.json``, ``config_resolved.yaml`` and the
+TensorBoard HPARAMS summary (one row per run, so a sweep's runs compare side by side)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+from torch.utils.tensorboard.summary import hparams
+
+METRICS_FILE = "metrics.json"
+RESOLVED_CONFIG_FILE = "config_resolved.yaml"
+# the metric columns of the HPARAMS tab (TensorBoard shows each one's latest value)
+HPARAM_METRICS = ("val/map_50", "val/map", "train/loss_epoch")
+
+
+def _choices() -> dict[str, Any]:
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
+def run_info(cfg: DictConfig) -> dict[str, Any]:
+    """The settings shown side by side in TensorBoard's HPARAMS tab (plain values)."""
+    choices = _choices()
+    sel = OmegaConf.select
+    anchors = sel(cfg, "anchors") or {}
+    target = str(sel(cfg, "model.optimizer._target_", default="?"))
+    info = {
+        "anchors": sel(cfg, "anchors.name") or choices.get("anchors", "?"),
+        "anchor_ratios": str(
+            OmegaConf.to_container(anchors.ratios) if "ratios" in anchors else "pairs"
+        ),
+        "anchor_scales": str(
+            OmegaConf.to_container(anchors.scales) if "scales" in anchors else "pairs"
+        ),
+        "extra_square": bool(anchors.get("extra_square", True)),
+        "augmentation": choices.get("augmentation") or sel(cfg, "augmentation.name") or "?",
+        "optimizer": target.rsplit(".", 1)[-1],
+        "lr": sel(cfg, "model.optimizer.lr"),
+        "scheduler": choices.get("scheduler") or ("none" if not sel(cfg, "scheduler") else "?"),
+        "batch_size": sel(cfg, "data.batch_size"),
+        "val_size": sel(cfg, "data.val_size"),
+        "max_epochs": sel(cfg, "trainer.max_epochs"),
+        "precision": str(sel(cfg, "trainer.precision")),
+        "neg_ratio": sel(cfg, "model.loss.neg_ratio"),
+        "head_kernel_size": sel(cfg, "model.net.head_kernel_size"),
+        "seed": sel(cfg, "seed"),
+        "experiment": choices.get("experiment") or "none",
+    }
+    return {k: ("none" if v is None else v) for k, v in info.items()}
+
+
+def log_hparams_tensorboard(trainer: L.Trainer, params: Mapping[str, Any]) -> None:
+    """Write the HPARAMS-tab summary into every TensorBoard logger's run.
+
+    The metric columns are the scalar tags the run logs; TensorBoard shows their latest value, so
+    the final mAP appears without logging a fake 0 at step 0 (which
+    ``TensorBoardLogger.log_hyperparams(params, metrics)`` would do).
+    """
+    if trainer.global_rank != 0:
+        return
+    params = {
+        k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in params.items()
+    }
+    metrics = dict.fromkeys(HPARAM_METRICS, float("nan"))
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params)  # hparams.yaml next to the events
+            writer = logger.experiment._get_file_writer()
+            for summary in hparams(params, metrics):
+                writer.add_summary(summary)
+            writer.flush()
+
+
+def collect_metrics(trainer: L.Trainer) -> dict[str, Any]:
+    """The final scalar metrics of a fit, plus epoch/step and the best checkpoint."""
+    out: dict[str, Any] = {}
+    for k, v in sorted(trainer.callback_metrics.items()):
+        if (isinstance(v, Tensor) and v.numel() == 1) or isinstance(v, int | float):
+            out[k] = float(v)
+    out["epoch"] = int(trainer.current_epoch)
+    out["global_step"] = int(trainer.global_step)
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and getattr(ckpt, "best_model_path", ""):
+        out["best_model_path"] = str(ckpt.best_model_path)
+        out["best_monitor"] = str(ckpt.monitor)
+        score = ckpt.best_model_score
+        out["best_model_score"] = None if score is None else float(score)
+    module = trainer.lightning_module
+    if module is not None and hasattr(module, "nonfinite_total"):
+        out["nonfinite_steps_skipped"] = int(module.nonfinite_total)
+    return out
+
+
+def write_metrics_json(path: str | Path, metrics: Mapping[str, Any]) -> Path:
+    """JSON with NaN/inf written as null (strict JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in metrics.items()
+    }
+    path.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_resolved_config(cfg: DictConfig, output_dir: Path) -> Path:
+    """``<run dir>/config_resolved.yaml``: the job's config with every interpolation resolved."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    path = output_dir / RESOLVED_CONFIG_FILE
+    path.write_text(OmegaConf.to_yaml(job_cfg, resolve=True))
+    return path
