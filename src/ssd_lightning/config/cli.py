@@ -12,6 +12,7 @@ sweep goes on with the next job; the process then exits non-zero at the end.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -53,9 +54,19 @@ def kind_of(error: BaseException) -> str:
     return next(kind for types, kind in USER_ERRORS if isinstance(error, types))
 
 
+def message_of(error: BaseException | str) -> str:
+    """The error's message for a person. An error re-raised from a DataLoader worker carries the
+    worker's whole traceback in its message; its last line is the original message."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        text = re.sub(r"^[\w.]+: ", "", last.strip())  # "pkg.module.SomeError: message"
+    return text
+
+
 def exit_with_error(error: BaseException | str, kind: str = "Error") -> NoReturn:
     """One message on stderr, exit status 2."""
-    print(f"\n{kind}: {error}", file=sys.stderr)
+    print(f"\n{kind}: {message_of(error)}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -88,9 +99,9 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
             return task(cfg)
         except _ALL_USER_ERRORS as e:
             kind = kind_of(e)
-            log.error("%s: %s", kind, e)  # into the job's log file too
+            log.error("%s: %s", kind, message_of(e))  # into the job's log file too
             if _in_sweep():
-                raise JobFailed(f"{kind}: {e}") from None
+                raise JobFailed(f"{kind}: {message_of(e)}") from None
             exit_with_error(e, kind)
 
     def main() -> None:

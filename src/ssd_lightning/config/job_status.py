@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 
 JOB_STATUS_FILE = "job_status.json"
@@ -36,7 +37,11 @@ class JobStatusCallback(Callback):
             return
         status = getattr(job_return.status, "name", str(job_return.status))
         value = getattr(job_return, "_return_value", None)
-        error = f"{type(value).__name__}: {value}" if isinstance(value, BaseException) else None
+        error = None
+        if isinstance(value, CompactHydraException):  # a user error: its message is complete
+            error = str(value)
+        elif isinstance(value, BaseException):
+            error = f"{type(value).__name__}: {value}"
         info = {
             "status": status,
             "error": error,

@@ -53,8 +53,8 @@ def build(
 ) -> tuple[SSDLitModule, L.LightningDataModule, L.Trainer]:
     """Validate ``cfg`` and build (module, datamodule, trainer)."""
     validate_config(cfg)
+    datamodule = instantiate_checked(cfg.data, "data")  # cheap: data mistakes fail first
     module = instantiate_checked(cfg.model, "model", run_info=run_info(cfg))
-    datamodule = instantiate_checked(cfg.data, "data")
     loggers = build_loggers(cfg)
     callbacks = [*build_callbacks(cfg, has_logger=bool(loggers)), *extra_callbacks]
     trainer = instantiate_checked(
