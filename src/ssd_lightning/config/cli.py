@@ -70,19 +70,35 @@ def exit_with_error(error: BaseException | str, kind: str = "Error") -> NoReturn
     sys.exit(2)
 
 
+class _DropAdverts(logging.Filter):
+    """Lightning's tip to install its cloud logger: not something a run's log needs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
 def route_library_logs() -> None:
     """Send Lightning's messages (when the tool uses Lightning) and Python warnings through
     Hydra's logging (console + <run dir>/<task>.log), once each."""
+    logging.captureWarnings(True)  # warnings (e.g. random-init weights) land in the run's log
     if "lightning" not in sys.modules:  # predict runs without Lightning: nothing to reroute
-        logging.captureWarnings(True)
         return
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
     # Lightning triggers this deprecation itself with recent torch; nothing a user can act on
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    logging.captureWarnings(True)  # warnings (e.g. random-init weights) land in the run's log
+
+
+def _log_to_files(message: str) -> None:
+    """Record an error in the run's log file(s) only: the console gets it once, from
+    ``exit_with_error``."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _in_sweep() -> bool:
@@ -99,7 +115,7 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
             return task(cfg)
         except _ALL_USER_ERRORS as e:
             kind = kind_of(e)
-            log.error("%s: %s", kind, message_of(e))  # into the job's log file too
+            _log_to_files(f"{kind}: {message_of(e)}")
             if _in_sweep():
                 raise JobFailed(f"{kind}: {message_of(e)}") from None
             exit_with_error(e, kind)

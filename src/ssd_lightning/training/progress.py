@@ -1,0 +1,97 @@
+"""Progress of a fit: a bar on a terminal, one readable line per epoch anywhere else.
+
+On a terminal the bar reads ``Epoch 3/100`` and shows the whole run's ETA beside the metrics.
+When stderr is not a terminal (a log file, a cluster job) the carriage-return redraws of a bar
+would fill the log with noise: the bar is off and each epoch ends with one line instead, e.g.
+``epoch 3/100  train/loss 2.314  val/map_50 0.412  val/loss 2.871  17.2 s/epoch  ETA 27m53s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+log = logging.getLogger(__name__)
+
+# the metrics of the per-epoch line, in this order, when the run logs them
+LINE_METRICS = ("train/loss_epoch", "val/loss", "val/map_50", "val/map")
+
+
+def format_duration(seconds: float) -> str:
+    """1234.5 -> '20m34s', 45.2 -> '45s', 7384 -> '2h03m'."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+class RunProgress(TQDMProgressBar):
+    """TQDMProgressBar with the epoch count and the run's ETA; on a non-terminal, one line per
+    epoch instead of the bar. ``refresh_rate`` as TQDMProgressBar's (reading the logged values
+    for the bar is a host-device sync: not every step)."""
+
+    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False):
+        super().__init__(refresh_rate, process_position, leave)
+        self.interactive = sys.stderr.isatty()
+        if not self.interactive:
+            self.disable()
+        self._fit_start: float | None = None
+        self._epochs_done_at_start = 0
+
+    # -- the ETA of the whole run ---------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._fit_start = time.monotonic()
+        self._epochs_done_at_start = trainer.current_epoch  # a resumed run starts later
+
+    def _eta(self, trainer: L.Trainer, epochs_done: float) -> tuple[float | None, float | None]:
+        """(seconds per epoch, seconds left), None while unknown."""
+        done = epochs_done - self._epochs_done_at_start
+        if self._fit_start is None or done <= 0 or not trainer.max_epochs or trainer.max_epochs < 0:
+            return None, None
+        per_epoch = (time.monotonic() - self._fit_start) / done
+        return per_epoch, per_epoch * max(0.0, trainer.max_epochs - epochs_done)
+
+    def _epoch_text(self, trainer: L.Trainer) -> str:
+        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+        return f"{trainer.current_epoch + 1}/{total}"
+
+    # -- the bar --------------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        if self.interactive and self.train_progress_bar is not None:
+            self.train_progress_bar.set_description(f"Epoch {self._epoch_text(trainer)}")
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        batches = trainer.num_training_batches
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        fraction = done / batches if batches and batches != float("inf") else 0.0
+        _, left = self._eta(trainer, trainer.current_epoch + fraction)
+        if left is not None:
+            metrics["run_eta"] = format_duration(left)
+        return metrics
+
+    # -- the line -------------------------------------------------------------------------------
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self.interactive or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        values = trainer.callback_metrics
+        parts = [f"epoch {self._epoch_text(trainer)}"]
+        parts += [
+            f"{k.removesuffix('_epoch')} {float(values[k]):.4g}"
+            for k in LINE_METRICS
+            if k in values
+        ]
+        per_epoch, left = self._eta(trainer, trainer.current_epoch + 1)
+        if per_epoch is not None:
+            parts.append(f"{per_epoch:.1f} s/epoch  ETA {format_duration(left)}")
+        log.info("  ".join(parts))

@@ -1,0 +1,99 @@
+"""What a user reads: one line per epoch in a log, DEBUG presets that debug this package and not
+every library, errors printed once, --help for every tool, outputs where the user expects them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import PENNFUDAN, run_cli, tiny
+
+from ssd_lightning.training.progress import format_duration
+
+
+def test_a_logged_run_has_one_line_per_epoch(tmp_path: Path) -> None:
+    r = run_cli(
+        "ssd_lightning.train",
+        *tiny(trainer__max_epochs=2, trainer__enable_progress_bar="true"),
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "\r" not in out  # no bar redraws in a file
+    lines = [ln for ln in out.splitlines() if "ssd_lightning.training.progress" in ln]
+    assert [ln.split(" - ")[1].split("  ")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
+    assert "val/map_50" in lines[-1] and "ETA" in lines[-1]
+    assert "litlogger" not in out
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "epoch 2/2" in log
+
+
+def test_debug_preset_is_debug_for_this_package_and_lightning_only(tmp_path: Path) -> None:
+    r = run_cli(
+        "ssd_lightning.train",
+        "debug=fdr",
+        "model.net.weights=none",
+        "model.net.image_size=128",
+        "data.batch_size=2",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    debug = [ln for ln in (r.stdout + r.stderr).splitlines() if "][DEBUG]" in ln]
+    sources = {ln.split("][")[1] for ln in debug}
+    assert sources and all(
+        s.startswith(("ssd_lightning", "lightning", "__main__")) for s in sources
+    )
+    assert not any(s.startswith(("PIL", "matplotlib")) for s in sources)
+
+
+def test_a_config_error_is_printed_once(tmp_path: Path) -> None:
+    r = run_cli("ssd_lightning.train", "anchors.ratios=[0.5,-1.0]", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2
+    out = r.stdout + r.stderr
+    assert out.count("every value must be a finite number > 0") == 1, out
+    assert "every value must be" in (tmp_path / "train.log").read_text()  # and in the run's log
+
+
+@pytest.mark.parametrize(
+    ("tool", "needle"),
+    [
+        ("train", "augmentation:"),
+        ("evaluate", "ckpt_path"),
+        ("predict", "input"),
+        ("anchors", "--figure"),
+        ("summarize", "multirun_dir"),
+        ("benchmark", "batch_sizes"),
+    ],
+)
+def test_every_tool_has_help(tool: str, needle: str) -> None:
+    r = run_cli(f"ssd_lightning.{tool}", "--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert needle in r.stdout
+
+
+def test_help_lists_only_the_groups_a_tool_uses() -> None:
+    groups = run_cli("ssd_lightning.evaluate", "--help").stdout.split("== Config (")[0]
+    assert "data: pennfudan" in groups and "trainer:" in groups
+    assert "anchors:" not in groups and "augmentation:" not in groups and "optimizer:" not in groups
+    groups = run_cli("ssd_lightning.predict", "--help").stdout.split("== Config (")[0]
+    assert "paths:" in groups and "trainer:" not in groups and "data:" not in groups
+
+
+def test_predict_writes_into_its_own_run_dir(tiny_run: dict, tmp_path: Path) -> None:
+    logs = tmp_path / "outputs"
+    r = run_cli(
+        "ssd_lightning.predict",
+        f"ckpt_path={tiny_run['dir'] / 'checkpoints/last.ckpt'}",
+        f"input={PENNFUDAN / 'PNGImages' / 'FudanPed00001.png'}",
+        f"paths.log_dir={logs}",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = list(logs.glob("predict/*/*/detections.json"))  # outputs/predict/<date>/<time>/
+    assert len(found) == 1 and json.loads(found[0].read_text())["images"]
+    assert (found[0].parent / "FudanPed00001_pred.png").is_file()
+
+
+def test_durations_read_well() -> None:
+    assert [format_duration(s) for s in (45.2, 1234.5, 7384)] == ["45s", "20m34s", "2h03m"]
