@@ -1,9 +1,10 @@
 """Ship a trained model as ONNX: ``python -m ssd_lightning.export ckpt_path=...``.
 
 Writes the detector graph ``<name>.onnx`` (images and original sizes in; boxes, scores, labels
-out, like ``SSD.detect``), the bare network ``<name>_network.onnx`` and ``<name>.json``, then runs
-both in onnxruntime on real images against the PyTorch model (see ``tools.onnx_export``). Needs
-the ``onnx`` extra: ``pip install -e '.[onnx]'``.
+out, like ``SSD.detect``), its two halves ``<name>_network.onnx`` (loc, logits) and
+``<name>_postprocess.onnx`` (decode, threshold, NMS, top-k) and ``<name>.json``, then runs them in
+onnxruntime on real images against the PyTorch model (see ``tools.onnx_export``). Needs the
+``onnx`` extra: ``pip install -e '.[onnx]'``.
 
 Examples::
 
@@ -19,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ssd_lightning.config.cli import hydra_main
-from ssd_lightning.tools.onnx_export import export_model
+from ssd_lightning.tools.onnx_export import export_model, parity_summary
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
@@ -35,15 +36,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         check_count=int(check.get("num_images", 8)),
     )
     for kind, path in meta["files"].items():
-        print(f"{kind:9s} {path}")
+        print(f"{kind:11s} {path}")
     parity = meta.get("parity")
     if parity:
-        print(
-            f"parity with SSD.detect on {parity['images']} images ({parity['detections']} "
-            f"detections): boxes within {parity['max_box_diff_input_px']:.2g} px of the input, "
-            f"scores within {parity['max_score_diff']:.2g}, network outputs within "
-            f"{parity['network_max_rel_diff']:.2g} relative"
-        )
+        print(f"parity with PyTorch on {parity['images']} images of {parity['folder']}:")
+        print(parity_summary(parity))
     print(
         f"predict with it: python -m ssd_lightning.predict ckpt_path={meta['files']['detector']} "
         "input=<image or folder>"

@@ -1,6 +1,6 @@
 """A trained SSD as ONNX files (``python -m ssd_lightning.export``), checked in onnxruntime.
 
-Two graphs, both with a dynamic batch axis B:
+Three graphs, each with a dynamic batch axis B; network + postprocess = detector:
 
 - ``<stem>.onnx``, the detector: ``images`` (B,3,S,S) float32 RGB in [0, 1] (resized to S x S;
   the graph normalizes) and ``orig_sizes`` (B,2) int64 (height, width) -> ``boxes`` (D,4) float32
@@ -8,15 +8,14 @@ Two graphs, both with a dynamic batch axis B:
   int64, sorted by image, then by score. It is ``SSD.forward`` followed by
   ``core.postprocess.select_detections``, the very code ``SSD.detect`` runs, traced by
   ``torch.export``; the thresholds are fixed at export.
-- ``<stem>_network.onnx``, the bare network: ``images`` -> ``loc`` (B,N,4) encoded offsets,
-  ``logits`` (B,N,C), and ``anchors`` (N,4) cxcywh normalized, to decode them yourself
-  (``core.box_coding``: variances 0.1 / 0.2).
+- ``<stem>_network.onnx``: ``images`` -> ``loc`` (B,N,4) encoded offsets, ``logits`` (B,N,C)
+  and ``anchors`` (N,4) cxcywh normalized.
+- ``<stem>_postprocess.onnx``: ``loc``, ``logits``, ``orig_sizes`` -> the detector's outputs
+  (decode, score threshold, NMS, top-k), for a network run elsewhere (e.g. TensorRT).
 
 Each carries its description (input size, normalization, thresholds, anchor preset, class names)
 in its metadata under ``ssd_lightning``; ``<stem>.json`` beside them holds the same and the result
-of the parity check: both graphs run in onnxruntime on real images and are compared with
-``SSD.detect`` / ``SSD.forward``: the same detections per image, boxes within 1e-3 px of the
-network input (fp32 noise grows with the resize to the original size), scores within 1e-4.
+of the parity check (``check_parity``).
 """
 
 from __future__ import annotations
@@ -37,7 +36,12 @@ from torch import Tensor, nn
 from ssd_lightning.config.errors import ConfigError, ExportCheckError
 from ssd_lightning.config.extras import require
 from ssd_lightning.core.box_coding import VARIANCES
-from ssd_lightning.core.postprocess import PRE_NMS_TOP_K, check_thresholds, select_detections
+from ssd_lightning.core.postprocess import (
+    PRE_NMS_TOP_K,
+    check_thresholds,
+    postprocess,
+    select_detections,
+)
 from ssd_lightning.core.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD
 from ssd_lightning.data.dataset import CLASS_NAMES
 from ssd_lightning.data.images import IMAGE_SUFFIXES, InputError, read_rgb
@@ -46,8 +50,10 @@ from ssd_lightning.tools.onnx_runtime import (
     DETECTOR,
     METADATA_KEY,
     NETWORK,
+    POSTPROCESS,
     OnnxDetector,
     open_session,
+    per_image,
 )
 from ssd_lightning.training.checkpoint import load_model
 
@@ -55,9 +61,8 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx",)
 MIN_OPSET = 18  # the exporter's own opsets; lower ones go through a lossy version converter
-# the parity check's: boxes in pixels of the network input, scores, network outputs relative to
-# their largest magnitude
-BOX_TOLERANCE_PX, SCORE_TOLERANCE, NETWORK_TOLERANCE = 1e-3, 1e-4, 1e-5
+# the parity check's bounds (see check_parity)
+NETWORK_TOLERANCE, POSTPROCESS_BOX_PX, DETECTOR_BOX_PX, SCORE_TOLERANCE = 1e-5, 1e-3, 1e-2, 1e-4
 
 
 class Detector(nn.Module):
@@ -72,6 +77,23 @@ class Detector(nn.Module):
         loc, logits = self.net(images)
         return select_detections(
             loc, logits, self.net.anchors_cxcywh, orig_sizes, *self.thresholds, PRE_NMS_TOP_K
+        )
+
+
+class Postprocess(nn.Module):
+    """The exported post-processing alone: ``select_detections`` with the anchors and thresholds
+    fixed, for the bare network's outputs."""
+
+    def __init__(self, net: SSD, score_threshold: float, nms_threshold: float, top_k: int):
+        super().__init__()
+        self.register_buffer("anchors_cxcywh", net.anchors_cxcywh.clone(), persistent=False)
+        self.thresholds = (score_threshold, nms_threshold, top_k)
+
+    def forward(
+        self, loc: Tensor, logits: Tensor, orig_sizes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return select_detections(
+            loc, logits, self.anchors_cxcywh, orig_sizes, *self.thresholds, PRE_NMS_TOP_K
         )
 
 
@@ -179,41 +201,46 @@ def export_onnx(
     opset: int = MIN_OPSET,
     source: str = "",
 ) -> dict[str, Any]:
-    """Write ``<stem>.onnx`` (detector), ``<stem>_network.onnx`` and ``<stem>.json``; returns the
-    description (with the paths). ``thresholds``: score_threshold, nms_threshold, top_k."""
+    """Write the detector ``<stem>.onnx``, ``<stem>_network.onnx`` and ``<stem>_postprocess.onnx``;
+    returns their description (with the paths). ``thresholds``: score_threshold, nms_threshold,
+    top_k."""
     require("onnxscript", "onnxscript", "onnx", "ONNX export")
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     net = net.to("cpu", torch.float32).eval()
-    files = {DETECTOR: out / f"{stem}.onnx", NETWORK: out / f"{stem}_network.onnx"}
+    files = {
+        DETECTOR: out / f"{stem}.onnx",
+        NETWORK: out / f"{stem}_network.onnx",
+        POSTPROCESS: out / f"{stem}_postprocess.onnx",
+    }
     meta = describe(net, info, thresholds) | {
         "source": source,
         "opset": opset,
         "torch": torch.__version__,
         "exported": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        DETECTOR: files[DETECTOR].name,
-        NETWORK: files[NETWORK].name,
+        **{graph: path.name for graph, path in files.items()},
     }
     s = int(net.image_size)
     images = torch.rand(2, 3, s, s)  # batch 2: a batch of 1 would be specialized to 1
     sizes = torch.tensor([[s, s], [2 * s, s]])
+    fixed = [thresholds[k] for k in ("score_threshold", "nms_threshold", "top_k")]
+    detections = ("boxes", "scores", "labels", "image_index")
+    graphs = {
+        DETECTOR: (Detector(net, *fixed), (images, sizes), ("images", "orig_sizes"), detections),
+        NETWORK: (Network(net), (images,), ("images",), ("loc", "logits", "anchors")),
+    }
     with torch.no_grad():
-        _export_graph(
-            Detector(net, *(thresholds[k] for k in ("score_threshold", "nms_threshold", "top_k"))),
-            (images, sizes),
-            files[DETECTOR],
-            (("images", "orig_sizes"), ("boxes", "scores", "labels", "image_index")),
-            opset,
-            meta | {"graph": DETECTOR},
-        )
-        _export_graph(
-            Network(net),
-            (images,),
-            files[NETWORK],
-            (("images",), ("loc", "logits", "anchors")),
-            opset,
-            meta | {"graph": NETWORK},
-        )
+        loc, logits = net(images)
+    graphs[POSTPROCESS] = (
+        Postprocess(net, *fixed),
+        (loc, logits, sizes),
+        ("loc", "logits", "orig_sizes"),
+        detections,
+    )
+    with torch.no_grad():
+        for graph, (module, args, inputs, outputs) in graphs.items():
+            meta_graph = meta | {"graph": graph}
+            _export_graph(module, args, files[graph], (inputs, outputs), opset, meta_graph)
     return meta | {"files": {k: str(v) for k, v in files.items()}}
 
 
@@ -237,13 +264,12 @@ def check_images(folder: str | Path, count: int, image_size: int) -> tuple[Tenso
 def compare_detections(
     ours: Sequence[Mapping[str, Tensor]],
     ref: Sequence[Mapping[str, Tensor]],
-    px_per_input_px: Tensor | None = None,
+    box_tolerance: float,
+    px_scale: Tensor | None = None,
 ) -> dict[str, Any]:
-    """Per image: the same number of detections, and each of ours matched to the reference box
-    nearest to it with the same label (one to one). Box differences are measured in pixels of the
-    network input: boxes in original pixels are divided by ``px_per_input_px`` (B,2) (h, w), the
-    resize factors, since fp32 noise in the network output grows with them. Returns the worst
-    box / score difference and the images whose counts differ."""
+    """Per image: the same number of detections, and each of ours matched one to one to the
+    reference box nearest to it with the same label. Box differences are in the boxes' pixels,
+    or divided by ``px_scale`` (B,2) (h, w) (e.g. original pixels per network-input pixel)."""
     worst_box = worst_score = 0.0
     count_mismatch = []
     for i, (o, r) in enumerate(zip(ours, ref, strict=True)):
@@ -252,54 +278,94 @@ def compare_detections(
             continue
         if not len(o["boxes"]):
             continue
-        scale = 1.0 if px_per_input_px is None else px_per_input_px[i].flip(0).repeat(2).float()
+        scale = 1.0 if px_scale is None else px_scale[i].flip(0).repeat(2).float()  # w h w h
         dist = ((o["boxes"][:, None] - r["boxes"][None]).abs() / scale).amax(-1)  # (K, K)
         dist[o["labels"][:, None] != r["labels"][None]] = float("inf")
         nearest = dist.argmin(1)
         worst_box = max(worst_box, float(dist.min(1).values.max()))
-        if len(set(nearest.tolist())) < len(nearest):  # two of ours on one reference box
+        if nearest.unique().numel() < len(nearest):  # two of ours on one reference box
             worst_box = float("inf")
         worst_score = max(worst_score, float((o["scores"] - r["scores"][nearest]).abs().max()))
     return {
-        "max_box_diff_input_px": worst_box,
+        "detections": sum(len(d["boxes"]) for d in ref),
+        "max_box_diff_px": worst_box,
         "max_score_diff": worst_score,
         "count_mismatch_images": count_mismatch,
-        "ok": not count_mismatch
-        and worst_box <= BOX_TOLERANCE_PX
-        and worst_score <= SCORE_TOLERANCE,
+        "ok": not count_mismatch and worst_box <= box_tolerance and worst_score <= SCORE_TOLERANCE,
     }
 
 
 def check_parity(
     net: SSD, meta: Mapping[str, Any], images: Tensor, orig_sizes: Tensor
 ) -> dict[str, Any]:
-    """Both graphs in onnxruntime (CPU) against the PyTorch model, on the whole batch and on its
-    first image alone (the batch axis is dynamic)."""
-    files = meta["files"]
-    detector = OnnxDetector(files[DETECTOR], device="cpu")
-    network, _ = open_session(files[NETWORK], device="cpu")
+    """The three graphs in onnxruntime (CPU) against the PyTorch model on ``images`` (B,3,S,S)
+    in [0,1] with ``orig_sizes`` (B,2) (h, w):
+
+    - ``network``: loc / logits within NETWORK_TOLERANCE of SSD.forward's, relative to their
+      largest magnitude (fp32 kernels differ in summation order);
+    - ``postprocess``, fed SSD.forward's own outputs: core ``postprocess``'s detections, boxes
+      within POSTPROCESS_BOX_PX original pixels, scores within SCORE_TOLERANCE;
+    - ``detector``, end to end, on the batch and on its first image alone (the batch axis is
+      dynamic): SSD.detect's detections, boxes within DETECTOR_BOX_PX network-input pixels (the
+      network's fp32 noise moves them, more so where its outputs are extreme).
+    """
+    files, thr = meta["files"], meta["thresholds"]
     net = net.to("cpu", torch.float32).eval()
-    scale = orig_sizes / images.shape[-1]  # (B, 2) original pixels per input pixel
-    result: dict[str, Any] = {"images": len(images), "detections": 0, "ok": True}
-    for batch, sizes, sc in ((images, orig_sizes, scale), (images[:1], orig_sizes[:1], scale[:1])):
-        ref = net.detect(batch, sizes, **meta["thresholds"])
-        cmp = compare_detections(detector.detect(batch, sizes), ref, sc)
-        result["detections"] = max(result["detections"], sum(len(d["boxes"]) for d in ref))
-        for key in ("max_box_diff_input_px", "max_score_diff"):
-            result[key] = max(result.get(key, 0.0), cmp[key])
-        result.setdefault("count_mismatch_images", []).extend(cmp["count_mismatch_images"])
-        result["ok"] = result["ok"] and cmp["ok"]
     with torch.no_grad():
         loc, logits = net(images)
+    result: dict[str, Any] = {"images": len(images)}
+
+    network, _ = open_session(files[NETWORK], device="cpu")
     got = network.run(None, {"images": images.numpy()})
-    # fp32 kernels differ in summation order: noise relative to the outputs' magnitude
     rel = max(
         float((torch.from_numpy(g) - r).abs().max() / r.abs().max().clamp(min=1.0))
         for g, r in zip(got, (loc, logits, net.anchors_cxcywh), strict=True)
     )
-    result["network_max_rel_diff"] = rel
-    result["ok"] = result["ok"] and rel <= NETWORK_TOLERANCE
+    result[NETWORK] = {"max_rel_diff": rel, "ok": rel <= NETWORK_TOLERANCE}
+
+    post, _ = open_session(files[POSTPROCESS], device="cpu")
+    feeds = {"loc": loc.numpy(), "logits": logits.numpy(), "orig_sizes": orig_sizes.numpy()}
+    got = per_image(post.run(None, feeds), len(images), thr["score_threshold"], thr["top_k"])
+    ref = postprocess(loc, logits, net.anchors_cxcywh, orig_sizes, **thr)
+    result[POSTPROCESS] = compare_detections(got, ref, POSTPROCESS_BOX_PX)
+
+    detector = OnnxDetector(files[DETECTOR], device="cpu")
+    scale = orig_sizes / images.shape[-1]  # (B, 2) original pixels per input pixel
+    parts = []
+    for batch, sizes, sc in ((images, orig_sizes, scale), (images[:1], orig_sizes[:1], scale[:1])):
+        ref = net.detect(batch, sizes, **thr)
+        parts.append(compare_detections(detector.detect(batch, sizes), ref, DETECTOR_BOX_PX, sc))
+    result[DETECTOR] = {
+        "detections": parts[0]["detections"],
+        "max_box_diff_input_px": max(p["max_box_diff_px"] for p in parts),
+        "max_score_diff": max(p["max_score_diff"] for p in parts),
+        "count_mismatch_images": parts[0]["count_mismatch_images"],
+        "ok": all(p["ok"] for p in parts),
+    }
+    result["ok"] = all(result[g]["ok"] for g in (NETWORK, POSTPROCESS, DETECTOR))
     return result
+
+
+def parity_summary(parity: Mapping[str, Any]) -> str:
+    """One line per graph: what was compared and how close it came."""
+    net, post, det = parity[NETWORK], parity[POSTPROCESS], parity[DETECTOR]
+
+    def counts(p: Mapping[str, Any]) -> str:
+        bad = p["count_mismatch_images"]
+        return f"counts differ on images {bad}" if bad else f"{p['detections']} detections"
+
+    return "\n".join(
+        [
+            f"network:     loc/logits within {net['max_rel_diff']:.2g} relative (allowed "
+            f"{NETWORK_TOLERANCE})",
+            f"postprocess: {counts(post)}, boxes within {post['max_box_diff_px']:.2g} px "
+            f"(allowed {POSTPROCESS_BOX_PX}), scores within {post['max_score_diff']:.2g} "
+            f"(allowed {SCORE_TOLERANCE})",
+            f"detector:    {counts(det)}, boxes within {det['max_box_diff_input_px']:.2g} px "
+            f"of the input (allowed {DETECTOR_BOX_PX}), scores within "
+            f"{det['max_score_diff']:.2g} (allowed {SCORE_TOLERANCE})",
+        ]
+    )
 
 
 def check_export_options(fmt: str, opset: Any, stem: str | None) -> None:
@@ -349,12 +415,7 @@ def export_model(
     parity = meta.get("parity")
     if parity is not None and not parity["ok"]:
         raise ExportCheckError(
-            f"parity check failed: onnxruntime vs SSD.detect on {parity['images']} images of "
-            f"{parity['folder']}: detection counts differ on images "
-            f"{parity['count_mismatch_images'] or 'none'}, boxes by up to "
-            f"{parity['max_box_diff_input_px']:.3g} px of the input (allowed {BOX_TOLERANCE_PX}), "
-            f"scores by {parity['max_score_diff']:.3g} (allowed {SCORE_TOLERANCE}), network "
-            f"outputs by {parity['network_max_rel_diff']:.3g} relative (allowed "
-            f"{NETWORK_TOLERANCE}); the files are kept: {sidecar}"
+            f"parity check failed: onnxruntime vs PyTorch on {parity['images']} images of "
+            f"{parity['folder']}:\n{parity_summary(parity)}\nThe files are kept: {sidecar}"
         )
     return meta

@@ -11,6 +11,7 @@ looser one needs a new export.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from ssd_lightning.config.extras import require
 from ssd_lightning.data.images import InputError
 
 METADATA_KEY = "ssd_lightning"  # the JSON description in the ONNX model's metadata_props
-DETECTOR, NETWORK = "detector", "network"  # the two graphs an export writes
+# the graphs an export writes: network + postprocess = detector
+DETECTOR, NETWORK, POSTPROCESS = "detector", "network", "postprocess"
 
 
 def _providers(ort: Any, device: str) -> list[Any]:
@@ -73,8 +75,8 @@ class OnnxDetector:
         self.session, self.info = open_session(self.path, device)
         if self.info.get("graph") != DETECTOR:
             raise InputError(
-                f"ckpt_path={self.path}: this is the bare network (loc, logits); predict runs the "
-                f"detector graph written beside it ({self.info.get('detector', '<stem>.onnx')})"
+                f"ckpt_path={self.path}: this is the {self.info.get('graph')} graph alone; predict "
+                f"runs the detector written beside it ({self.info.get(DETECTOR, '<stem>.onnx')})"
             )
         self.image_size = int(self.info["image_size"])
         self.thresholds: dict[str, Any] = dict(self.info["thresholds"])
@@ -134,16 +136,24 @@ class OnnxDetector:
         if orig_sizes is None:
             orig_sizes = torch.tensor([images.shape[-2:]]).expand(len(images), 2)
         out = self.run(images.detach().cpu().numpy(), orig_sizes.cpu().numpy())
-        boxes, scores, labels, image = (torch.from_numpy(a) for a in out)
-        keep = scores > thr["score_threshold"]  # the graph's own test, stricter
-        counts = torch.bincount(image[keep], minlength=len(images)).tolist()
-        k = thr["top_k"]  # each image's detections are sorted by score: top-k is a prefix
-        return [
-            {"boxes": b[:k], "scores": s[:k], "labels": lab[:k]}
-            for b, s, lab in zip(
-                boxes[keep].split(counts),
-                scores[keep].split(counts),
-                labels[keep].split(counts),
-                strict=True,
-            )
-        ]
+        return per_image(out, len(images), thr["score_threshold"], thr["top_k"])
+
+
+def per_image(
+    outputs: Sequence[np.ndarray], batch_size: int, score_threshold: float, top_k: int
+) -> list[dict[str, Tensor]]:
+    """A graph's flat detections (boxes, scores, labels, image_index; sorted by image, then by
+    score) as ``SSD.detect``'s per-image dicts, with a score threshold and top-k at least as
+    strict as the graph's applied."""
+    boxes, scores, labels, image = (torch.from_numpy(np.asarray(a)) for a in outputs)
+    keep = scores > score_threshold  # the graph's own test
+    counts = torch.bincount(image[keep], minlength=batch_size).tolist()
+    return [  # each image's detections are sorted by score: its top-k is a prefix
+        {"boxes": b[:top_k], "scores": s[:top_k], "labels": lab[:top_k]}
+        for b, s, lab in zip(
+            boxes[keep].split(counts),
+            scores[keep].split(counts),
+            labels[keep].split(counts),
+            strict=True,
+        )
+    ]
