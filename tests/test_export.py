@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import PENNFUDAN, run_cli
+from conftest import PENNFUDAN, make_cfg, run_cli
 
 from ssd_lightning.core.postprocess import postprocess
 from ssd_lightning.data.images import read_rgb
@@ -19,6 +21,7 @@ from ssd_lightning.training.checkpoint import load_model
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from ssd_lightning.export import export  # noqa: E402
 from ssd_lightning.predict import predict  # noqa: E402
 from ssd_lightning.tools.onnx_runtime import OnnxDetector, open_session, per_image  # noqa: E402
 
@@ -31,18 +34,14 @@ IMAGES = sorted((PENNFUDAN / "PNGImages").glob("*.png"))[-6:]  # validation-spli
 
 @pytest.fixture(scope="module")
 def exported(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The tiny run's model exported by the command (its parity check included)."""
+    """The tiny run's model exported by the export task (its parity check included)."""
     out = tmp_path_factory.mktemp("export")
     model = tiny_run["dir"] / "ssd_resnet34_pennfudan_best.pt"
-    r = run_cli(
-        "ssd_lightning.export",
-        f"ckpt_path={model}",
-        f"output_dir={out}",
-        "name=tiny",
-        f"hydra.run.dir={out / 'run'}",
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return {"dir": out, "model": model, "stdout": r.stdout, "onnx": out / "tiny.onnx"}
+    cfg = make_cfg([f"ckpt_path={model}", f"output_dir={out}", "name=tiny"], out / "run", "export")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        export(cfg)
+    return {"dir": out, "model": model, "stdout": stdout.getvalue(), "onnx": out / "tiny.onnx"}
 
 
 def _batch(size: int, files: list[Path] = IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
