@@ -57,32 +57,26 @@ from ssd_lightning.tools.onnx_runtime import (
 )
 from ssd_lightning.training.checkpoint import load_model
 
-log = logging.getLogger(__name__)
-
 FORMATS = ("onnx",)
 MIN_OPSET = 18  # the exporter's own opsets; lower ones go through a lossy version converter
 # the parity check's bounds (see check_parity)
 NETWORK_TOLERANCE, POSTPROCESS_BOX_PX, DETECTOR_BOX_PX, SCORE_TOLERANCE = 1e-5, 1e-3, 1e-2, 1e-4
 
 
-class Detector(nn.Module):
-    """The exported detector: ``SSD.forward`` + ``select_detections`` with fixed thresholds."""
+class Network(nn.Module):
+    """The bare network, with its anchors as a third output (what decoding needs)."""
 
-    def __init__(self, net: SSD, score_threshold: float, nms_threshold: float, top_k: int):
+    def __init__(self, net: SSD):
         super().__init__()
         self.net = net
-        self.thresholds = (score_threshold, nms_threshold, top_k)
 
-    def forward(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         loc, logits = self.net(images)
-        return select_detections(
-            loc, logits, self.net.anchors_cxcywh, orig_sizes, *self.thresholds, PRE_NMS_TOP_K
-        )
+        return loc, logits, self.net.anchors_cxcywh
 
 
 class Postprocess(nn.Module):
-    """The exported post-processing alone: ``select_detections`` with the anchors and thresholds
-    fixed, for the bare network's outputs."""
+    """The post-processing: ``select_detections`` with the anchors and thresholds fixed."""
 
     def __init__(self, net: SSD, score_threshold: float, nms_threshold: float, top_k: int):
         super().__init__()
@@ -97,16 +91,17 @@ class Postprocess(nn.Module):
         )
 
 
-class Network(nn.Module):
-    """The bare network, with its anchors as a third output (what decoding needs)."""
+class Detector(nn.Module):
+    """The detector: the network, then its post-processing (what ``SSD.detect`` runs)."""
 
-    def __init__(self, net: SSD):
+    def __init__(self, net: SSD, score_threshold: float, nms_threshold: float, top_k: int):
         super().__init__()
-        self.net = net
+        self.network = Network(net)
+        self.postprocess = Postprocess(net, score_threshold, nms_threshold, top_k)
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        loc, logits = self.net(images)
-        return loc, logits, self.net.anchors_cxcywh
+    def forward(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        loc, logits, _ = self.network(images)
+        return self.postprocess(loc, logits, orig_sizes)
 
 
 def describe(net: SSD, info: Mapping[str, Any], thresholds: Mapping[str, Any]) -> dict[str, Any]:
@@ -200,19 +195,18 @@ def export_onnx(
     thresholds: Mapping[str, Any],
     opset: int = MIN_OPSET,
     source: str = "",
+    graphs: Sequence[str] = (DETECTOR, NETWORK, POSTPROCESS),
 ) -> dict[str, Any]:
-    """Write the detector ``<stem>.onnx``, ``<stem>_network.onnx`` and ``<stem>_postprocess.onnx``;
-    returns their description (with the paths). ``thresholds``: score_threshold, nms_threshold,
-    top_k."""
+    """Write the detector ``<stem>.onnx``, ``<stem>_network.onnx`` and ``<stem>_postprocess.onnx``
+    (those of ``graphs``); returns their description (with the paths). ``thresholds``:
+    score_threshold, nms_threshold, top_k."""
     require("onnxscript", "onnxscript", "onnx", "ONNX export")
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     net = net.to("cpu", torch.float32).eval()
-    files = {
-        DETECTOR: out / f"{stem}.onnx",
-        NETWORK: out / f"{stem}_network.onnx",
-        POSTPROCESS: out / f"{stem}_postprocess.onnx",
-    }
+    names = {DETECTOR: f"{stem}.onnx", NETWORK: f"{stem}_network.onnx"}
+    names[POSTPROCESS] = f"{stem}_postprocess.onnx"
+    files = {graph: out / names[graph] for graph in graphs}
     meta = describe(net, info, thresholds) | {
         "source": source,
         "opset": opset,
@@ -225,20 +219,25 @@ def export_onnx(
     sizes = torch.tensor([[s, s], [2 * s, s]])
     fixed = [thresholds[k] for k in ("score_threshold", "nms_threshold", "top_k")]
     detections = ("boxes", "scores", "labels", "image_index")
-    graphs = {
-        DETECTOR: (Detector(net, *fixed), (images, sizes), ("images", "orig_sizes"), detections),
-        NETWORK: (Network(net), (images,), ("images",), ("loc", "logits", "anchors")),
-    }
     with torch.no_grad():
         loc, logits = net(images)
-    graphs[POSTPROCESS] = (
-        Postprocess(net, *fixed),
-        (loc, logits, sizes),
-        ("loc", "logits", "orig_sizes"),
-        detections,
-    )
-    with torch.no_grad():
-        for graph, (module, args, inputs, outputs) in graphs.items():
+        specs = {  # module, example inputs, input names, output names
+            DETECTOR: (
+                Detector(net, *fixed),
+                (images, sizes),
+                ("images", "orig_sizes"),
+                detections,
+            ),
+            NETWORK: (Network(net), (images,), ("images",), ("loc", "logits", "anchors")),
+            POSTPROCESS: (
+                Postprocess(net, *fixed),
+                (loc, logits, sizes),
+                ("loc", "logits", "orig_sizes"),
+                detections,
+            ),
+        }
+        for graph in graphs:
+            module, args, inputs, outputs = specs[graph]
             meta_graph = meta | {"graph": graph}
             _export_graph(module, args, files[graph], (inputs, outputs), opset, meta_graph)
     return meta | {"files": {k: str(v) for k, v in files.items()}}

@@ -40,6 +40,7 @@ from ssd_lightning.tools.benchmark.steps import (
 from ssd_lightning.tools.benchmark.timing import ratio, sync, sync_sites, time_fn, time_fns
 from ssd_lightning.tools.benchmark.torchvision_ssd import build_torchvision_ssd, tv_inputs
 from ssd_lightning.tools.onnx_export import export_onnx
+from ssd_lightning.tools.onnx_runtime import DETECTOR
 from ssd_lightning.training.builders import build
 
 
@@ -57,9 +58,9 @@ def onnx_detector(opts: Options, log: Callable) -> tuple[Any, str]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="ssd_bench_onnx_") as tmp:
-        meta = export_onnx(net, {}, tmp, "bench", PREDICT_DEFAULTS)
+        meta = export_onnx(net, {}, tmp, "bench", PREDICT_DEFAULTS, graphs=[DETECTOR])
         session = ort.InferenceSession(
-            meta["files"]["detector"], options, providers=["CPUExecutionProvider"]
+            meta["files"][DETECTOR], options, providers=["CPUExecutionProvider"]
         )
     return session, f"onnxruntime {ort.__version__}, CPU, {options.intra_op_num_threads} threads"
 
