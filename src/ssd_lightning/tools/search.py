@@ -23,9 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 from ssd_lightning.config.errors import ConfigError
 
 RESULTS_FILE = "optimization_results.yaml"  # written by the Optuna sweeper
-# metric families whose direction is known (substring of the name -> direction)
-_DIRECTIONS = {"loss": "minimize", "mae": "minimize", "map": "maximize", "mar": "maximize"}
-_DIRECTIONS["accuracy"] = "maximize"
+# metric families whose direction is known (part of the name -> direction)
+_DIRECTIONS = {
+    "loss": "minimize",
+    "mae": "minimize",
+    "map": "maximize",
+    "mar": "maximize",
+    "accuracy": "maximize",
+}
 
 
 def metric_direction(metric: str) -> str | None:
