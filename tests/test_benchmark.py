@@ -4,6 +4,7 @@ command runs end to end on the CPU and writes the JSON report."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -130,7 +131,14 @@ def test_command_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:
     assert math.isfinite(train["torchvision"]["final_loss"])
     inf = train["inference"]
     assert {"bare", "detect", "torchvision", "ratios"} <= set(inf)
-    assert set(inf["ratios"]) == {"detect/bare", "torchvision/bare", "detect/torchvision"}
+    assert set(inf["ratios"]) >= {"detect/bare", "torchvision/bare", "detect/torchvision"}
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        # the exported detector, same network and thresholds: the same detections, timed
+        assert inf["onnxruntime"]["img_per_s"] > 0 and inf["ratios"]["onnxruntime/detect"] > 0
+        assert inf["onnxruntime"]["detections_per_image"] == inf["detections_per_image"]
+        assert "4 onnxruntime detector (CPU)" in proc.stdout
+    else:
+        assert "pip install -e '.[onnx]'" in result["onnxruntime"]
     data = result["data"]
     assert data["cpu_pipeline"]["img_per_s_per_worker"] > 0
     assert data["gpu_path_cpu_side"]["img_per_s_per_worker"] > 0

@@ -77,3 +77,19 @@ def test_boxes_outside_the_image_are_not_detections():
     out = postprocess(loc, logits, anchors, torch.tensor([[100, 200]]), 0.5, 0.45, 20)[0]
     assert len(out["boxes"]) == 1
     torch.testing.assert_close(out["boxes"][0], torch.tensor([80.0, 30.0, 120.0, 70.0]))
+
+
+def test_equal_scores_keep_the_lower_candidate():
+    # Saturated scores are exactly equal: which of two overlapping boxes survives NMS must not be
+    # left to the topk / NMS kernels (the exported ONNX detector has to keep the same one).
+    anchors = torch.tensor(
+        [[0.5, 0.5, 0.2, 0.4], [0.52, 0.5, 0.2, 0.4], [0.1, 0.1, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1]]
+    )
+    logits = torch.tensor([[[0.0, 40.0], [0.0, 50.0], [0.0, 60.0], [0.0, -9.0]]])
+    assert logits.softmax(-1)[0, :3, 1].unique().tolist() == [1.0]
+    sizes = torch.tensor([[100, 100]])
+    for pre_nms_top_k in (None, 3):  # all candidates, or the three tied ones through topk
+        out = postprocess(
+            torch.zeros(1, 4, 4), logits, anchors, sizes, 0.5, 0.45, 20, pre_nms_top_k
+        )
+        assert out[0]["boxes"][:, 0].round().tolist() == [40.0, 5.0]  # x1: anchors 0 and 2

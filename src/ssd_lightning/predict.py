@@ -2,8 +2,9 @@
 
 ``input`` is one image or a folder of images (JPEG, PNG, BMP, WebP, TIFF, GIF; any size;
 grayscale, palette, RGBA and 16-bit images are converted to RGB; EXIF orientation is applied, as
-phones store it). ``ckpt_path`` is a Lightning ``.ckpt`` or the exported
-``ssd_resnet34_pennfudan_best.pt``; this tool imports no Lightning.
+phones store it). ``ckpt_path`` is a Lightning ``.ckpt``, the exported
+``ssd_resnet34_pennfudan_best.pt``, or a detector ``.onnx`` written by ``ssd_lightning.export``
+(run by onnxruntime: ``pip install -e '.[onnx]'``); this tool imports no Lightning.
 
 Writes ``<output_dir>/<name>_pred.<ext>`` with the boxes drawn and ``<output_dir>/detections.json``
 with, per image, its size and the detections: boxes xyxy in original image pixels, scores, labels
@@ -15,6 +16,7 @@ Examples::
         ckpt_path=outputs/<date>/<time>/ssd_resnet34_pennfudan_best.pt \\
         input=~/Pictures/street.jpg
     python -m ssd_lightning.predict ckpt_path=last.ckpt input=photos/ score_threshold=0.3 top_k=50
+    python -m ssd_lightning.predict ckpt_path=outputs/export/<date>/<time>/last.onnx input=photos/
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from ssd_lightning.core.postprocess import check_thresholds
 from ssd_lightning.data.dataset import CLASS_NAMES
 from ssd_lightning.data.images import IMAGE_SUFFIXES, InputError, read_rgb
 from ssd_lightning.data.presets import build_eval_transform
+from ssd_lightning.tools.onnx_runtime import OnnxDetector
 from ssd_lightning.training.checkpoint import load_model
 from ssd_lightning.visualize import draw_detections
 
@@ -94,6 +98,21 @@ def _output_dir(path: str | Path) -> Path:
     return out
 
 
+def _load_detector(
+    ckpt_path: str | Path, device: str, given: dict[str, Any]
+) -> tuple[Callable[..., list[dict[str, torch.Tensor]]], int, list[str], dict, torch.device]:
+    """(detect, input size, class names, thresholds, device of the input batches) for a .ckpt /
+    .pt model in PyTorch, or an exported .onnx detector in onnxruntime."""
+    if Path(str(ckpt_path)).suffix.lower() == ".onnx":
+        model = OnnxDetector(ckpt_path, device)
+        thresholds = model.check_thresholds(**given)  # stricter than the exported ones, or none
+        return model.detect, model.image_size, model.class_names, thresholds, torch.device("cpu")
+    dev = _device(device)
+    net, info = load_model(ckpt_path, map_location=dev)
+    class_names = list(info.get("class_names") or CLASS_NAMES)
+    return net.detect, int(net.image_size), class_names, {**info["predict"], **given}, dev
+
+
 def predict(
     ckpt_path: str | Path,
     inputs: str | Path,
@@ -118,11 +137,7 @@ def predict(
         raise InputError(f"batch_size={batch_size!r}: allowed values are integers >= 1")
     out_dir = _output_dir(output_dir)
     files = list_inputs(inputs, out_dir)
-    dev = _device(device)
-    net, info = load_model(ckpt_path, map_location=dev)
-    thresholds = {**info["predict"], **given}
-    class_names = list(info.get("class_names") or CLASS_NAMES)
-    size = int(net.image_size)
+    detect, size, class_names, thresholds, dev = _load_detector(ckpt_path, device, given)
     transform = build_eval_transform(size)  # the validation preprocessing: resize to (S, S)
     single = len(files) == 1 and Path(inputs).expanduser().is_file()
     stems = Counter(f.stem for f in files)
@@ -147,7 +162,7 @@ def predict(
             continue
         batch = torch.stack(images).to(dev)  # (B,3,S,S) float [0,1]
         orig_sizes = torch.tensor([list(o.shape[-2:]) for o in originals], device=dev)  # (B,2) hw
-        dets = net.detect(batch, orig_sizes, **thresholds)  # boxes xyxy in original pixels
+        dets = detect(batch, orig_sizes, **thresholds)  # boxes xyxy in original pixels
         for f, orig, det in zip(names, originals, dets, strict=True):
             det = {k: v.cpu() for k, v in det.items()}
             h, w = orig.shape[-2:]

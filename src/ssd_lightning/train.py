@@ -29,6 +29,7 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from omegaconf import DictConfig
 
 from ssd_lightning.config.cli import hydra_main
+from ssd_lightning.tools.search import check_objective, objective_value
 from ssd_lightning.training.builders import build
 from ssd_lightning.training.run_outputs import (
     METRICS_FILE,
@@ -130,10 +131,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def task(cfg: DictConfig) -> float | None:
-    """The Hydra task: train, and return the value a sweeper (e.g. Optuna) optimizes."""
-    metrics = train(cfg)
-    value = metrics.get("val/map_50", metrics.get("train/loss"))
-    return None if value is None else float(value)
+    """The Hydra task: train, and return the value a sweeper (e.g. Optuna) optimizes:
+    ``cfg.optimized_metric`` (checked before training)."""
+    check_objective(cfg)
+    return objective_value(cfg, train(cfg))
 
 
 def main() -> None:

@@ -26,7 +26,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 import ssd_lightning.config.resolvers  # noqa: F401 - the ${ssd_*:} resolvers, before composing
-from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.config.errors import ConfigError, ExportCheckError, MissingDependencyError
+from ssd_lightning.config.extras import check_plugins
 from ssd_lightning.config.paths import config_dir
 from ssd_lightning.data.dataset import DatasetReadError
 from ssd_lightning.data.download import DownloadError
@@ -41,6 +42,7 @@ USER_ERRORS: tuple[tuple[tuple[type[BaseException], ...], str], ...] = (
     ((ConfigError, MissingMandatoryValue, HydraException), "Config error"),
     ((DatasetIntegrityError, DatasetReadError, DownloadError), "Data error"),
     ((InputError, CheckpointError, FileNotFoundError), "Error"),
+    ((MissingDependencyError, ExportCheckError), "Error"),
 )
 _ALL_USER_ERRORS = tuple(t for types, _ in USER_ERRORS for t in types)
 
@@ -123,8 +125,9 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
     def main() -> None:
         try:
             path = str(config_dir())
-        except ConfigError as e:
-            exit_with_error(e, "Config error")
+            check_plugins(sys.argv[1:])
+        except (ConfigError, MissingDependencyError) as e:
+            exit_with_error(e, kind_of(e))
         hydra.main(version_base="1.3", config_path=path, config_name=config_name)(run)()
 
     return main

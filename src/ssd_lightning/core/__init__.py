@@ -5,7 +5,12 @@ step -> postprocess. ``plain`` turns config values into plain Python for them.
 """
 
 from ssd_lightning.core.loss import LossOutput, MultiBoxLoss
-from ssd_lightning.core.postprocess import EVALUATE_DEFAULTS, PREDICT_DEFAULTS, postprocess
+from ssd_lightning.core.postprocess import (
+    EVALUATE_DEFAULTS,
+    PREDICT_DEFAULTS,
+    postprocess,
+    select_detections,
+)
 from ssd_lightning.core.ssd import SSD
 from ssd_lightning.core.step import forward_with_loss
 
@@ -17,4 +22,5 @@ __all__ = [
     "MultiBoxLoss",
     "forward_with_loss",
     "postprocess",
+    "select_detections",
 ]

@@ -10,6 +10,10 @@ their log when there is one); a job whose metric is missing or not finite is mar
 
 A job's ``job_status.json`` (Hydra's COMPLETED / FAILED with the exception, written by
 ``config.job_status.JobStatusCallback``) decides its status when present.
+
+An Optuna search (``-m hparams_search=<name>``) comes first: the best value and parameters from
+Optuna's ``optimization_results.yaml``, the best trial's job and the command that reruns it. Its
+``optimized_metric`` and direction are then the default sort.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import csv
 import json
 import math
 import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +32,7 @@ from typing import Any
 import yaml
 
 from ssd_lightning.config.job_status import read_job_status
+from ssd_lightning.tools.search import SearchResults, read_results, same_value
 from ssd_lightning.visualize import figure_to_png, plot_summary
 
 DEFAULT_METRIC = "val/map_50"
@@ -176,14 +182,18 @@ def _fmt(v: float | None, column: str) -> str:
     return f"{v:.4f}"
 
 
-def rows(jobs: Sequence[Job], metric: str, all_overrides: bool = False) -> list[dict[str, str]]:
-    """Table rows (strings): job, status, overrides, metrics, note."""
+def rows(
+    jobs: Sequence[Job], metric: str, all_overrides: bool = False, short: bool = False
+) -> list[dict[str, str]]:
+    """Table rows (strings): job, status, overrides (``short``: long floats to 4 digits),
+    metrics, note."""
     varying, metric_cols, common = _columns(jobs, metric)
     keys = list(common) + varying if all_overrides else varying
+    show = _short if short else str
     out = []
     for rank, j in enumerate(jobs, start=1):
         row = {"rank": str(rank), "job": j.name, "status": j.status}
-        row.update({k: j.overrides.get(k, "") for k in keys})
+        row.update({k: show(j.overrides.get(k, "")) for k in keys})
         row.update({c: _fmt(j.value(c), c) for c in metric_cols})
         row["note"] = j.note
         out.append(row)
@@ -227,15 +237,96 @@ def _plot(jobs: Sequence[Job], metric: str, title: str) -> Any:
     return plot_summary(labels, values, metric, notes, title)
 
 
+def _job_config(job: Job, name: str, key: str) -> Any:
+    """A value of the job's composed config (``.hydra/config.yaml`` or ``hydra.yaml``)."""
+    try:
+        node = yaml.safe_load((job.path / ".hydra" / name).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def search_defaults(jobs: Sequence[Job]) -> tuple[str | None, bool | None]:
+    """(optimized_metric, ascending) of the search the jobs ran, or None where not set."""
+    if not jobs:
+        return None, None
+    metric = _job_config(jobs[0], "config.yaml", "optimized_metric")
+    direction = _job_config(jobs[0], "hydra.yaml", "hydra.sweeper.direction")
+    ascending = {"minimize": True, "maximize": False}.get(str(direction).rsplit(".", 1)[-1])
+    return (str(metric) if metric else None), ascending
+
+
+def best_trial(jobs: Sequence[Job], results: SearchResults) -> Job | None:
+    """The job whose overrides hold Optuna's best parameters."""
+    params = results.best_params
+    for job in jobs:
+        if params and all(
+            k in job.overrides and same_value(job.overrides[k], v) for k, v in params.items()
+        ):
+            return job
+    return None
+
+
+def search_report(
+    jobs: Sequence[Job], results: SearchResults, metric: str, ascending: bool
+) -> list[str]:
+    """The search's best value, parameters and rerun command, as lines."""
+    if results.solutions:  # several objectives: Optuna keeps the Pareto front
+        lines = [f"Optuna search ({results.path.name}): {len(results.solutions)} Pareto solutions"]
+        lines += [f"  values {s.get('values')}: {s.get('params')}" for s in results.solutions]
+        return lines
+    best = best_trial(jobs, results)
+    where = f" in job {best.name} ({best.path})" if best else ""
+    value = "-" if results.best_value is None else f"{results.best_value:.4f}"
+    lines = [
+        f"Optuna search: best {metric} = {value} "
+        f"({'minimize' if ascending else 'maximize'}){where}",
+        "best parameters:",
+        *(f"  {k} = {_short(str(v))}" for k, v in results.best_params.items()),
+    ]
+    if best is not None:
+        model = next(best.path.glob("*_best.pt"), None)
+        if model is not None:
+            lines.append(f"its model: {model}")
+        overrides = " ".join(shlex.quote(f"{k}={v}") for k, v in best.overrides.items())
+        lines.append(f"rerun it: python -m ssd_lightning.train {overrides}")
+    return lines
+
+
+def _short(value: str) -> str:
+    """A sampled float (0.23469605520726605) as 4 significant digits, for the eye."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return f"{number:.4g}" if "." in value and len(value) > 8 else value
+
+
+def sort_order(jobs: Sequence[Job], metric: str | None, ascending: bool | None) -> tuple[str, bool]:
+    """The metric to sort by and its order: as given, else the search's optimized_metric and
+    direction, else val/map_50 descending (metrics named *loss* ascending)."""
+    searched_metric, searched_ascending = search_defaults(jobs)
+    metric = metric or searched_metric or DEFAULT_METRIC
+    if ascending is None:
+        ascending = searched_ascending if metric == searched_metric else None
+    return metric, ("loss" in metric if ascending is None else ascending)
+
+
 def summarize(
     multirun_dir: str | Path,
-    metric: str = DEFAULT_METRIC,
+    metric: str | None = None,
     out: str | Path | None = None,
     ascending: bool | None = None,
 ) -> tuple[list[Job], dict[str, Path]]:
-    """Read, sort and write the summary of a multirun. Returns (sorted jobs, written files)."""
+    """Read, sort and write the summary of a multirun. Returns (sorted jobs, written files).
+    ``metric`` / ``ascending`` default to the search's optimized_metric and direction, else
+    val/map_50 (descending; losses ascending)."""
     root = Path(multirun_dir)
-    jobs = sort_jobs(find_jobs(root), metric, ascending)
+    found = find_jobs(root)
+    metric, ascending = sort_order(found, metric, ascending)
+    jobs = sort_jobs(found, metric, ascending)
     outdir = Path(out) if out is not None else root
     outdir.mkdir(parents=True, exist_ok=True)
     _, _, common = _columns(jobs, metric)
@@ -250,14 +341,17 @@ def summarize(
         writer.writeheader()
         writer.writerows(full)
     n_failed = sum(j.status == FAILED for j in jobs)
-    up = ascending if ascending is not None else "loss" in metric
     header = (
         f"# Sweep summary: {root}\n\nSorted by `{metric}` "
-        f"({'ascending' if up else 'descending'}). {len(jobs)} jobs, {n_failed} failed."
+        f"({'ascending' if ascending else 'descending'}). {len(jobs)} jobs, {n_failed} failed."
     )
     if common:
         header += "\n\nCommon overrides: " + " ".join(f"`{k}={v}`" for k, v in common.items())
-    files["md"].write_text(format_markdown(rows(jobs, metric), header))
+    results = read_results(root)
+    if results is not None:
+        report = search_report(jobs, results, metric, ascending)
+        header += "\n\n" + "\n".join(f"    {line}" for line in report)
+    files["md"].write_text(format_markdown(rows(jobs, metric, short=True), header))
     figure_to_png(_plot(jobs, metric, title=f"{root.name}: {metric}"), files["png"])
     return jobs, files
 
@@ -271,9 +365,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("multirun_dir", help="the sweep dir, e.g. outputs/multirun/<date>/<time>")
     parser.add_argument(
         "--metric",
-        default=DEFAULT_METRIC,
-        help=f"sort key, any key of metrics.json (default {DEFAULT_METRIC}; "
-        "also: val/map, train/loss, epochs, wall_s)",
+        default=None,
+        help="sort key, any key of metrics.json (default: the search's optimized_metric, else "
+        f"{DEFAULT_METRIC}; also: val/map, train/loss, epochs, wall_s)",
     )
     parser.add_argument("--out", default=None, help="output folder (default: the multirun dir)")
     order = parser.add_mutually_exclusive_group()
@@ -292,10 +386,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     jobs, files = summarize(args.multirun_dir, args.metric, args.out, args.ascending)
-    _, _, common = _columns(jobs, args.metric)
+    metric, ascending = sort_order(jobs, args.metric, args.ascending)
+    results = read_results(args.multirun_dir)
+    if results is not None:
+        print("\n".join(search_report(jobs, results, metric, ascending)) + "\n")
+    _, _, common = _columns(jobs, metric)
     if common:
         print("common overrides: " + " ".join(f"{k}={v}" for k, v in common.items()))
-    print(format_table(rows(jobs, args.metric)))
+    print(format_table(rows(jobs, metric, short=True)))
     failed = [j.name for j in jobs if j.status == FAILED]
     if failed:
         print(f"\n{len(failed)} failed job(s): {', '.join(failed)}")

@@ -47,7 +47,10 @@ Sections (img/s = images per second, medians over ``repeats`` of ``steps`` steps
                   predict thresholds 0.5 / 0.45 / top-20; run as forward under autocast +
                   ``postprocess``, which is what ``detect`` does) vs torchvision's SSD eval with
                   the same thresholds. The network is untrained and its scores saturate, so NMS
-                  sees the full pre-NMS top-400 per image: the postprocess' worst case.
+                  sees the full pre-NMS top-400 per image: the postprocess' worst case. With the
+                  ``onnx`` extra also the exported ONNX detector (``python -m
+                  ssd_lightning.export``: the same network and thresholds) in onnxruntime on the
+                  CPU, fp32, with torch's thread count (skipped with a note without the extra)
     5 data        the safe_crop training pipeline on the real images, one thread (= one
                   DataLoader worker): the CPU path (decode cache warm) and the GPU data path's
                   CPU side (parameters and boxes only), plus the GPU path's batched pixel work
@@ -63,7 +66,8 @@ bare, ...) so drift hits them alike, but treat CPU ratios as indicative.
 About 2 minutes on an idle 2-core CPU with the defaults; ``image_size=128`` is ~4x faster.
 
 The table printed at the end holds the ratios step/bare, torchvision/bare, step/torchvision and
-detect/bare, torchvision_eval/bare, detect/torchvision_eval; the JSON holds everything.
+detect/bare, torchvision_eval/bare, detect/torchvision_eval, onnxruntime/detect; the JSON holds
+everything.
 """
 
 from ssd_lightning.tools.benchmark.report import main, run

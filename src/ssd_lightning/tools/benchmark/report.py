@@ -74,6 +74,8 @@ def format_table(result: dict) -> str:
         ("  ratio detect/bare", ("inference", "ratios", "detect/bare")),
         ("  ratio tv eval/bare", ("inference", "ratios", "torchvision/bare")),
         ("  ratio detect/tv eval", ("inference", "ratios", "detect/torchvision")),
+        ("4 onnxruntime detector (CPU)", ("inference", "onnxruntime")),
+        ("  ratio onnxruntime/detect", ("inference", "ratios", "onnxruntime/detect")),
     ]
     for label, path in rows:
         cells = []
@@ -85,6 +87,8 @@ def format_table(result: dict) -> str:
                 v = v.get("img_per_s")
             cells.append(f"{f(v, '12.3f' if 'ratio' in label else '12.1f')}")
         lines.append(f"{label:28s}" + "".join(cells))
+    if result.get("onnxruntime"):
+        lines.append(f"  (4 onnxruntime: {result['onnxruntime']})")
     d = result.get("data")
     if d:
         lines.append(
@@ -119,9 +123,12 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict:
     num_anchors = build_net(opts, torch.device("cpu")).num_anchors
     result["meta"] = _meta(opts, device, num_anchors)
     log(f"benchmark on {result['meta']['device_name']} ({device}), sections {opts.sections}")
+    onnx = None
+    if "inference" in opts.sections:
+        onnx, result["onnxruntime"] = sections.onnx_detector(opts, log)
     if any(s in opts.sections for s in ("bare", "step", "torchvision", "inference")):
         for bs in opts.batch_sizes:
-            result["train"][str(bs)] = sections.bench_training(opts, device, bs, log)
+            result["train"][str(bs)] = sections.bench_training(opts, device, bs, log, onnx)
     if "data" in opts.sections:
         result["data"] = sections.bench_data(opts, device, log)
     if "fit" in opts.sections:

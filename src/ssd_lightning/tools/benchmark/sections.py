@@ -4,6 +4,7 @@ Each works on one network and one synthetic batch (the data section on the real 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import shutil
 import tempfile
 import time
@@ -38,10 +39,35 @@ from ssd_lightning.tools.benchmark.steps import (
 )
 from ssd_lightning.tools.benchmark.timing import ratio, sync, sync_sites, time_fn, time_fns
 from ssd_lightning.tools.benchmark.torchvision_ssd import build_torchvision_ssd, tv_inputs
+from ssd_lightning.tools.onnx_export import export_onnx
+from ssd_lightning.tools.onnx_runtime import DETECTOR
 from ssd_lightning.training.builders import build
 
 
-def bench_training(opts: Options, device: torch.device, bs: int, log: Callable) -> dict:
+def onnx_detector(opts: Options, log: Callable) -> tuple[Any, str]:
+    """The network of the inference section exported as the ONNX detector (the same weights:
+    the same seed) in an onnxruntime CPU session with torch's thread count; or None and why not."""
+    missing = [m for m in ("onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        return None, f"skipped: {', '.join(missing)} not installed (pip install -e '.[onnx]')"
+    import onnxruntime as ort  # lazy: an optional dependency
+
+    log("  exporting the detector to ONNX for onnxruntime ...")
+    torch.manual_seed(opts.seed)
+    net = build_net(opts, torch.device("cpu"))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="ssd_bench_onnx_") as tmp:
+        meta = export_onnx(net, {}, tmp, "bench", PREDICT_DEFAULTS, graphs=[DETECTOR])
+        session = ort.InferenceSession(
+            meta["files"][DETECTOR], options, providers=["CPUExecutionProvider"]
+        )
+    return session, f"onnxruntime {ort.__version__}, CPU, {options.intra_op_num_threads} threads"
+
+
+def bench_training(
+    opts: Options, device: torch.device, bs: int, log: Callable, onnx: Any = None
+) -> dict:
     bf16 = opts.precision == "bf16"
     torch.manual_seed(opts.seed)
     ssd = build_net(opts, device)
@@ -78,7 +104,7 @@ def bench_training(opts: Options, device: torch.device, bs: int, log: Callable) 
     }
     if "inference" in opts.sections:
         ssd.load_state_dict(init)
-        res["inference"] = bench_inference(opts, ssd, net, batch, bf16, timing, log, bs)
+        res["inference"] = bench_inference(opts, ssd, net, batch, bf16, timing, log, bs, onnx)
     return res
 
 
@@ -91,7 +117,10 @@ def bench_inference(
     timing: dict,
     log: Callable,
     bs: int,
+    onnx: Any = None,
 ) -> dict:
+    """Bare forward, ``SSD.detect`` and torchvision's eval path on ``device``; with ``onnx`` (an
+    onnxruntime session of the exported detector) also that, on the CPU, fp32."""
     device = batch["images"].device
     ssd.eval()
     images, _ = tv_inputs(batch)
@@ -113,9 +142,14 @@ def bench_inference(
         with torch.inference_mode(), autocast(device, bf16):
             return tv(images)
 
-    res: dict[str, Any] = time_fns(
-        {"bare": bare, "detect": detect, "torchvision": tv_eval}, bs, **timing
-    )
+    fns = {"bare": bare, "detect": detect, "torchvision": tv_eval}
+    if onnx is not None:
+        feeds = {
+            "images": batch["images"].float().cpu().contiguous().numpy(),
+            "orig_sizes": batch["orig_sizes"].cpu().numpy(),
+        }
+        fns["onnxruntime"] = lambda: onnx.run(None, feeds)
+    res: dict[str, Any] = time_fns(fns, bs, **timing)
     res["detections_per_image"] = sum(len(d["boxes"]) for d in detect()) / bs
     res["sync_sites"] = {
         "detect": sync_sites(detect, device),
@@ -125,8 +159,11 @@ def bench_inference(
         "detect/bare": ratio(res["detect"], res["bare"]),
         "torchvision/bare": ratio(res["torchvision"], res["bare"]),
         "detect/torchvision": ratio(res["detect"], res["torchvision"]),
+        "onnxruntime/detect": ratio(res.get("onnxruntime"), res["detect"]),
     }
-    for k in ("bare", "detect", "torchvision"):
+    if onnx is not None:
+        res["onnxruntime"]["detections_per_image"] = len(fns["onnxruntime"]()[1]) / bs
+    for k in fns:
         log(f"  bs {bs} infer {k:12s} {res[k]['img_per_s']:9.1f} img/s")
     ssd.train()
     return res

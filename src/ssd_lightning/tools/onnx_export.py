@@ -1,0 +1,420 @@
+"""A trained SSD as ONNX files (``python -m ssd_lightning.export``), checked in onnxruntime.
+
+Three graphs, each with a dynamic batch axis B; network + postprocess = detector:
+
+- ``<stem>.onnx``, the detector: ``images`` (B,3,S,S) float32 RGB in [0, 1] (resized to S x S;
+  the graph normalizes) and ``orig_sizes`` (B,2) int64 (height, width) -> ``boxes`` (D,4) float32
+  xyxy in original image pixels, ``scores`` (D,), ``labels`` (D,) int64, ``image_index`` (D,)
+  int64, sorted by image, then by score. It is ``SSD.forward`` followed by
+  ``core.postprocess.select_detections``, the very code ``SSD.detect`` runs, traced by
+  ``torch.export``; the thresholds are fixed at export.
+- ``<stem>_network.onnx``: ``images`` -> ``loc`` (B,N,4) encoded offsets, ``logits`` (B,N,C)
+  and ``anchors`` (N,4) cxcywh normalized.
+- ``<stem>_postprocess.onnx``: ``loc``, ``logits``, ``orig_sizes`` -> the detector's outputs
+  (decode, score threshold, NMS, top-k), for a network run elsewhere (e.g. TensorRT).
+
+Each carries its description (input size, normalization, thresholds, anchor preset, class names)
+in its metadata under ``ssd_lightning``; ``<stem>.json`` beside them holds the same and the result
+of the parity check (``check_parity``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ssd_lightning.config.errors import ConfigError, ExportCheckError
+from ssd_lightning.config.extras import require
+from ssd_lightning.core.box_coding import VARIANCES
+from ssd_lightning.core.postprocess import (
+    PRE_NMS_TOP_K,
+    check_thresholds,
+    postprocess,
+    select_detections,
+)
+from ssd_lightning.core.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD
+from ssd_lightning.data.dataset import CLASS_NAMES
+from ssd_lightning.data.images import IMAGE_SUFFIXES, InputError, read_rgb
+from ssd_lightning.data.presets import build_eval_transform
+from ssd_lightning.tools.onnx_runtime import (
+    DETECTOR,
+    METADATA_KEY,
+    NETWORK,
+    POSTPROCESS,
+    OnnxDetector,
+    open_session,
+    per_image,
+)
+from ssd_lightning.training.checkpoint import load_model
+
+FORMATS = ("onnx",)
+MIN_OPSET = 18  # the exporter's own opsets; lower ones go through a lossy version converter
+# the parity check's bounds (see check_parity)
+NETWORK_TOLERANCE, POSTPROCESS_BOX_PX, DETECTOR_BOX_PX, SCORE_TOLERANCE = 1e-5, 1e-3, 1e-2, 1e-4
+
+
+class Network(nn.Module):
+    """The bare network, with its anchors as a third output (what decoding needs)."""
+
+    def __init__(self, net: SSD):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        loc, logits = self.net(images)
+        return loc, logits, self.net.anchors_cxcywh
+
+
+class Postprocess(nn.Module):
+    """The post-processing: ``select_detections`` with the anchors and thresholds fixed."""
+
+    def __init__(self, net: SSD, score_threshold: float, nms_threshold: float, top_k: int):
+        super().__init__()
+        self.register_buffer("anchors_cxcywh", net.anchors_cxcywh.clone(), persistent=False)
+        self.thresholds = (score_threshold, nms_threshold, top_k)
+
+    def forward(
+        self, loc: Tensor, logits: Tensor, orig_sizes: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return select_detections(
+            loc, logits, self.anchors_cxcywh, orig_sizes, *self.thresholds, PRE_NMS_TOP_K
+        )
+
+
+class Detector(nn.Module):
+    """The detector: the network, then its post-processing (what ``SSD.detect`` runs)."""
+
+    def __init__(self, net: SSD, score_threshold: float, nms_threshold: float, top_k: int):
+        super().__init__()
+        self.network = Network(net)
+        self.postprocess = Postprocess(net, score_threshold, nms_threshold, top_k)
+
+    def forward(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        loc, logits, _ = self.network(images)
+        return self.postprocess(loc, logits, orig_sizes)
+
+
+def describe(net: SSD, info: Mapping[str, Any], thresholds: Mapping[str, Any]) -> dict[str, Any]:
+    """The description stored with the graphs (and in the JSON sidecar)."""
+    num_classes = int(net.num_classes)
+    names = list(info.get("class_names") or CLASS_NAMES)
+    return {
+        "image_size": int(net.image_size),
+        "input": "RGB, resized to image_size x image_size, float32 in [0, 1], NCHW",
+        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "in_graph": True},
+        "thresholds": dict(thresholds),
+        "pre_nms_top_k": PRE_NMS_TOP_K,
+        "class_names": names[:num_classes] + [str(i) for i in range(len(names), num_classes)],
+        "num_classes": num_classes,
+        "num_anchors": int(net.num_anchors),
+        "anchors": net.config["anchors"],
+        "feature_sizes": [list(s) for s in net.feature_sizes],
+        "box_coding": {"variances": list(VARIANCES), "anchors": "cxcywh, normalized to [0, 1]"},
+        "detector_outputs": {
+            "boxes": "(D,4) float32 xyxy in original image pixels",
+            "scores": "(D,) float32",
+            "labels": "(D,) int64, 1..num_classes-1",
+            "image_index": "(D,) int64, index in the batch; sorted by image, then by score",
+        },
+        "network_outputs": {
+            "loc": "(B,N,4) encoded offsets",
+            "logits": "(B,N,num_classes), class 0 = background",
+            "anchors": "(N,4) cxcywh normalized",
+        },
+    }
+
+
+def _stable_sort(self: Any, stable: Any = None, dim: int = -1, descending: bool = False) -> Any:
+    """``aten.sort.stable`` (which select_detections uses) in ONNX: TopK over the whole axis,
+    which lists equal values by index, i.e. sorts stably."""
+    from onnxscript import opset18 as op  # lazy: an optional dependency, needed only to export
+
+    size = op.Shape(self, start=dim, end=dim + 1 if dim != -1 else None)
+    return op.TopK(self, size, axis=dim, largest=descending, sorted=True)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter prints and logs its every step and warns about things no user can act on
+    (its failures raise)."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for lg in loggers:
+                lg.setLevel(logging.WARNING)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _export_graph(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    path: Path,
+    names: tuple[Sequence[str], Sequence[str]],
+    opset: int,
+    meta: dict[str, Any],
+) -> None:
+    inputs, outputs = names
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with _quiet_exporter():
+        program = torch.onnx.export(
+            module,
+            args,
+            None,
+            dynamo=True,
+            verbose=False,
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_shapes={name: {0: batch} for name in inputs},
+            opset_version=opset,
+            custom_translation_table={torch.ops.aten.sort.stable: _stable_sort},
+        )
+    program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
+    program.save(str(path), external_data=False)
+
+
+def export_onnx(
+    net: SSD,
+    info: Mapping[str, Any],
+    out_dir: str | Path,
+    stem: str,
+    thresholds: Mapping[str, Any],
+    opset: int = MIN_OPSET,
+    source: str = "",
+    graphs: Sequence[str] = (DETECTOR, NETWORK, POSTPROCESS),
+) -> dict[str, Any]:
+    """Write the detector ``<stem>.onnx``, ``<stem>_network.onnx`` and ``<stem>_postprocess.onnx``
+    (those of ``graphs``); returns their description (with the paths). ``thresholds``:
+    score_threshold, nms_threshold, top_k."""
+    require("onnxscript", "onnxscript", "onnx", "ONNX export")
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    net = net.to("cpu", torch.float32).eval()
+    names = {DETECTOR: f"{stem}.onnx", NETWORK: f"{stem}_network.onnx"}
+    names[POSTPROCESS] = f"{stem}_postprocess.onnx"
+    files = {graph: out / names[graph] for graph in graphs}
+    meta = describe(net, info, thresholds) | {
+        "source": source,
+        "opset": opset,
+        "torch": torch.__version__,
+        "exported": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **{graph: path.name for graph, path in files.items()},
+    }
+    s = int(net.image_size)
+    images = torch.rand(2, 3, s, s)  # batch 2: a batch of 1 would be specialized to 1
+    sizes = torch.tensor([[s, s], [2 * s, s]])
+    fixed = [thresholds[k] for k in ("score_threshold", "nms_threshold", "top_k")]
+    detections = ("boxes", "scores", "labels", "image_index")
+    with torch.no_grad():
+        loc, logits = net(images)
+        specs = {  # module, example inputs, input names, output names
+            DETECTOR: (
+                Detector(net, *fixed),
+                (images, sizes),
+                ("images", "orig_sizes"),
+                detections,
+            ),
+            NETWORK: (Network(net), (images,), ("images",), ("loc", "logits", "anchors")),
+            POSTPROCESS: (
+                Postprocess(net, *fixed),
+                (loc, logits, sizes),
+                ("loc", "logits", "orig_sizes"),
+                detections,
+            ),
+        }
+        for graph in graphs:
+            module, args, inputs, outputs = specs[graph]
+            meta_graph = meta | {"graph": graph}
+            _export_graph(module, args, files[graph], (inputs, outputs), opset, meta_graph)
+    return meta | {"files": {k: str(v) for k, v in files.items()}}
+
+
+def check_images(folder: str | Path, count: int, image_size: int) -> tuple[Tensor, Tensor, list]:
+    """The first ``count`` images of ``folder`` (sorted) as the network sees them: images
+    (B,3,S,S) in [0,1], orig_sizes (B,2) (h, w), and their paths."""
+    root = Path(folder).expanduser()
+    files = sorted(p for p in root.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
+    if not files:
+        raise InputError(
+            f"check.images={root}: no images there for the parity check (give a folder of photos, "
+            "or check.enabled=false)"
+        )
+    transform = build_eval_transform(image_size)
+    originals = [read_rgb(f) for f in files]
+    images = torch.stack([transform(img) for img in originals])
+    sizes = torch.tensor([list(img.shape[-2:]) for img in originals])
+    return images, sizes, files
+
+
+def compare_detections(
+    ours: Sequence[Mapping[str, Tensor]],
+    ref: Sequence[Mapping[str, Tensor]],
+    box_tolerance: float,
+    px_scale: Tensor | None = None,
+) -> dict[str, Any]:
+    """Per image: the same number of detections, and each of ours matched one to one to the
+    reference box nearest to it with the same label. Box differences are in the boxes' pixels,
+    or divided by ``px_scale`` (B,2) (h, w) (e.g. original pixels per network-input pixel)."""
+    worst_box = worst_score = 0.0
+    count_mismatch = []
+    for i, (o, r) in enumerate(zip(ours, ref, strict=True)):
+        if len(o["boxes"]) != len(r["boxes"]):
+            count_mismatch.append(i)
+            continue
+        if not len(o["boxes"]):
+            continue
+        scale = 1.0 if px_scale is None else px_scale[i].flip(0).repeat(2).float()  # w h w h
+        dist = ((o["boxes"][:, None] - r["boxes"][None]).abs() / scale).amax(-1)  # (K, K)
+        dist[o["labels"][:, None] != r["labels"][None]] = float("inf")
+        nearest = dist.argmin(1)
+        worst_box = max(worst_box, float(dist.min(1).values.max()))
+        if nearest.unique().numel() < len(nearest):  # two of ours on one reference box
+            worst_box = float("inf")
+        worst_score = max(worst_score, float((o["scores"] - r["scores"][nearest]).abs().max()))
+    return {
+        "detections": sum(len(d["boxes"]) for d in ref),
+        "max_box_diff_px": worst_box,
+        "max_score_diff": worst_score,
+        "count_mismatch_images": count_mismatch,
+        "ok": not count_mismatch and worst_box <= box_tolerance and worst_score <= SCORE_TOLERANCE,
+    }
+
+
+def check_parity(
+    net: SSD, meta: Mapping[str, Any], images: Tensor, orig_sizes: Tensor
+) -> dict[str, Any]:
+    """The three graphs in onnxruntime (CPU) against the PyTorch model on ``images`` (B,3,S,S)
+    in [0,1] with ``orig_sizes`` (B,2) (h, w):
+
+    - ``network``: loc / logits within NETWORK_TOLERANCE of SSD.forward's, relative to their
+      largest magnitude (fp32 kernels differ in summation order);
+    - ``postprocess``, fed SSD.forward's own outputs: core ``postprocess``'s detections, boxes
+      within POSTPROCESS_BOX_PX original pixels, scores within SCORE_TOLERANCE;
+    - ``detector``, end to end, on the batch and on its first image alone (the batch axis is
+      dynamic): SSD.detect's detections, boxes within DETECTOR_BOX_PX network-input pixels (the
+      network's fp32 noise moves them, more so where its outputs are extreme).
+    """
+    files, thr = meta["files"], meta["thresholds"]
+    net = net.to("cpu", torch.float32).eval()
+    with torch.no_grad():
+        loc, logits = net(images)
+    result: dict[str, Any] = {"images": len(images)}
+
+    network, _ = open_session(files[NETWORK], device="cpu")
+    got = network.run(None, {"images": images.numpy()})
+    rel = max(
+        float((torch.from_numpy(g) - r).abs().max() / r.abs().max().clamp(min=1.0))
+        for g, r in zip(got, (loc, logits, net.anchors_cxcywh), strict=True)
+    )
+    result[NETWORK] = {"max_rel_diff": rel, "ok": rel <= NETWORK_TOLERANCE}
+
+    post, _ = open_session(files[POSTPROCESS], device="cpu")
+    feeds = {"loc": loc.numpy(), "logits": logits.numpy(), "orig_sizes": orig_sizes.numpy()}
+    got = per_image(post.run(None, feeds), len(images), thr["score_threshold"], thr["top_k"])
+    ref = postprocess(loc, logits, net.anchors_cxcywh, orig_sizes, **thr)
+    result[POSTPROCESS] = compare_detections(got, ref, POSTPROCESS_BOX_PX)
+
+    detector = OnnxDetector(files[DETECTOR], device="cpu")
+    scale = orig_sizes / images.shape[-1]  # (B, 2) original pixels per input pixel
+    parts = []
+    for batch, sizes, sc in ((images, orig_sizes, scale), (images[:1], orig_sizes[:1], scale[:1])):
+        ref = net.detect(batch, sizes, **thr)
+        parts.append(compare_detections(detector.detect(batch, sizes), ref, DETECTOR_BOX_PX, sc))
+    result[DETECTOR] = {
+        "detections": parts[0]["detections"],
+        "max_box_diff_input_px": max(p["max_box_diff_px"] for p in parts),
+        "max_score_diff": max(p["max_score_diff"] for p in parts),
+        "count_mismatch_images": parts[0]["count_mismatch_images"],
+        "ok": all(p["ok"] for p in parts),
+    }
+    result["ok"] = all(result[g]["ok"] for g in (NETWORK, POSTPROCESS, DETECTOR))
+    return result
+
+
+def parity_summary(parity: Mapping[str, Any]) -> str:
+    """One line per graph: what was compared and how close it came."""
+    net, post, det = parity[NETWORK], parity[POSTPROCESS], parity[DETECTOR]
+
+    def counts(p: Mapping[str, Any]) -> str:
+        bad = p["count_mismatch_images"]
+        return f"counts differ on images {bad}" if bad else f"{p['detections']} detections"
+
+    return "\n".join(
+        [
+            f"network:     loc/logits within {net['max_rel_diff']:.2g} relative (allowed "
+            f"{NETWORK_TOLERANCE})",
+            f"postprocess: {counts(post)}, boxes within {post['max_box_diff_px']:.2g} px "
+            f"(allowed {POSTPROCESS_BOX_PX}), scores within {post['max_score_diff']:.2g} "
+            f"(allowed {SCORE_TOLERANCE})",
+            f"detector:    {counts(det)}, boxes within {det['max_box_diff_input_px']:.2g} px "
+            f"of the input (allowed {DETECTOR_BOX_PX}), scores within "
+            f"{det['max_score_diff']:.2g} (allowed {SCORE_TOLERANCE})",
+        ]
+    )
+
+
+def check_export_options(fmt: str, opset: Any, stem: str | None) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r}: allowed values are {', '.join(FORMATS)}")
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
+        raise ConfigError(f"opset={opset!r}: allowed values are integers >= {MIN_OPSET}")
+    if stem is not None and (not stem or "/" in stem or stem.startswith(".")):
+        raise ConfigError(f"name={stem!r}: a file name without folders (e.g. ssd_pennfudan)")
+
+
+def export_model(
+    ckpt_path: str | Path,
+    out_dir: str | Path,
+    fmt: str = "onnx",
+    opset: int = MIN_OPSET,
+    name: str | None = None,
+    thresholds: Mapping[str, Any] | None = None,
+    check_folder: str | Path | None = None,
+    check_count: int = 8,
+) -> dict[str, Any]:
+    """Export the model of a ``.ckpt`` / ``.pt`` file; thresholds default to those stored with
+    the model (its ``predict`` ones). With ``check_folder``, the parity check on its images runs
+    (an ``ExportCheckError`` when it fails; the files stay, for a look). Returns the sidecar."""
+    check_export_options(fmt, opset, name)
+    given = {k: v for k, v in (thresholds or {}).items() if v is not None}
+    try:
+        given = check_thresholds(given, "export")
+    except ValueError as e:
+        raise ConfigError(str(e).removeprefix("export.")) from None
+    if check_folder is not None:
+        require(
+            "onnxruntime", "onnxruntime", "onnx", "the parity check (check.enabled=false skips it)"
+        )
+    net, info = load_model(ckpt_path)
+    stem = name or Path(str(ckpt_path)).stem
+    chosen = {**info["predict"], **given}
+    meta = export_onnx(net, info, out_dir, stem, chosen, opset, source=str(ckpt_path))
+    if check_folder is not None:
+        images, sizes, files = check_images(check_folder, check_count, int(net.image_size))
+        parity = check_parity(net, meta, images, sizes)
+        parity["folder"] = str(check_folder)
+        meta["parity"] = parity
+    sidecar = Path(out_dir).expanduser() / f"{stem}.json"
+    sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+    meta["files"]["sidecar"] = str(sidecar)
+    parity = meta.get("parity")
+    if parity is not None and not parity["ok"]:
+        raise ExportCheckError(
+            f"parity check failed: onnxruntime vs PyTorch on {parity['images']} images of "
+            f"{parity['folder']}:\n{parity_summary(parity)}\nThe files are kept: {sidecar}"
+        )
+    return meta

@@ -1,0 +1,131 @@
+"""The hyperparameter search (``-m hparams_search=<name>``, Optuna): what a trial returns, and
+what the search leaves behind.
+
+A training run returns ``optimized_metric`` (``conf/train.yaml``; the search configs in
+``conf/hparams_search/`` set it) to the sweeper. ``check_objective`` refuses, before training, a
+metric no run logs and a loss the sweeper would maximize (or an mAP it would minimize);
+``objective_value`` refuses, after it, a metric this run did not log. Optuna writes the best
+trial to ``<sweep dir>/optimization_results.yaml``: ``read_results`` reads it for ``summarize``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from ssd_lightning.config.errors import ConfigError
+
+RESULTS_FILE = "optimization_results.yaml"  # written by the Optuna sweeper
+# metric families whose direction is known (part of the name -> direction)
+_DIRECTIONS = {
+    "loss": "minimize",
+    "mae": "minimize",
+    "map": "maximize",
+    "mar": "maximize",
+    "accuracy": "maximize",
+}
+
+
+def metric_direction(metric: str) -> str | None:
+    """minimize / maximize for the metrics whose direction is known, else None."""
+    name = metric.rsplit("/", 1)[-1]
+    return next((d for part, d in _DIRECTIONS.items() if part in name), None)
+
+
+def _sweeper_direction() -> str | None:
+    """The Optuna sweeper's direction in this job (None outside an Optuna sweep, or when it has
+    several objectives)."""
+    if not HydraConfig.initialized():
+        return None
+    direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction", default=None)
+    if direction is None or OmegaConf.is_list(direction):
+        return None
+    return str(direction).rsplit(".", 1)[-1]  # "maximize", also from "Direction.maximize"
+
+
+def check_objective(cfg: DictConfig) -> str | None:
+    """``cfg.optimized_metric`` checked before training (None when unset)."""
+    metric = cfg.get("optimized_metric")
+    if metric is None:
+        return None
+    if not isinstance(metric, str) or not metric.startswith(("train/", "val/")):
+        raise ConfigError(
+            f"optimized_metric={metric!r}: a metric the run logs, e.g. val/map_50, val/map, "
+            "val/mar_100, val/loss, train/loss"
+        )
+    val_size = OmegaConf.select(cfg, "data.val_size", default=1)
+    if metric.startswith("val/") and val_size is not None and int(val_size) == 0:
+        raise ConfigError(
+            f"optimized_metric={metric}: data.val_size=0 trains without a validation split, so "
+            "no val/ metric is logged; use train/loss (hydra.sweeper.direction=minimize) or "
+            "data.val_size > 0"
+        )
+    wanted, direction = metric_direction(metric), _sweeper_direction()
+    if wanted is not None and direction is not None and direction != wanted:
+        raise ConfigError(
+            f"optimized_metric={metric} with hydra.sweeper.direction={direction}: "
+            f"{metric} should be {wanted}d; set hydra.sweeper.direction={wanted}"
+        )
+    return metric
+
+
+def objective_value(cfg: DictConfig, metrics: Mapping[str, Any]) -> float | None:
+    """What the trial returns: ``metrics[cfg.optimized_metric]`` (NaN when not finite, which
+    Optuna records as a failed trial); unset: val/map_50, else train/loss."""
+    metric = cfg.get("optimized_metric")
+    if metric is None:
+        value = metrics.get("val/map_50", metrics.get("train/loss"))
+        return None if value is None else float(value)
+    if metric not in metrics:
+        logged = sorted(k for k in metrics if "/" in k)
+        raise ConfigError(
+            f"optimized_metric={metric}: this run did not log it; it logged {', '.join(logged)}"
+        )
+    value = metrics[metric]
+    return float(value) if value is not None and math.isfinite(value) else math.nan
+
+
+@dataclass
+class SearchResults:
+    """Optuna's ``optimization_results.yaml``: the best trial's parameters and value."""
+
+    path: Path
+    best_params: dict[str, Any] = field(default_factory=dict)
+    best_value: float | None = None
+    solutions: list[dict[str, Any]] = field(default_factory=list)  # multi-objective: the front
+
+
+def read_results(sweep_dir: str | Path) -> SearchResults | None:
+    """The search's results in ``sweep_dir``, or None when it holds none (a grid sweep, or a
+    search that has not finished)."""
+    path = Path(sweep_dir) / RESULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise FileNotFoundError(f"{path}: unreadable ({e})") from None
+    value = raw.get("best_value")
+    return SearchResults(
+        path=path,
+        best_params=dict(raw.get("best_params") or {}),
+        best_value=None if value is None else float(value),
+        solutions=list(raw.get("solutions") or []),
+    )
+
+
+def same_value(override: str, param: Any) -> bool:
+    """A job's override value (a string) equals a sampled parameter."""
+    if isinstance(param, bool) or not isinstance(param, int | float):
+        return override == str(param)
+    try:
+        return math.isclose(float(override), float(param), rel_tol=1e-9, abs_tol=1e-12)
+    except ValueError:
+        return False

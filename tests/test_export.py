@@ -1,0 +1,171 @@
+"""ONNX export: the exported detector, run by onnxruntime on real Penn-Fudan images, gives what
+``SSD.detect`` gives; predict runs it; the description travels with the files."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import PENNFUDAN, make_cfg, run_cli
+
+from ssd_lightning.core.postprocess import postprocess
+from ssd_lightning.data.images import read_rgb
+from ssd_lightning.data.presets import build_eval_transform
+from ssd_lightning.training.checkpoint import load_model
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from ssd_lightning.export import export  # noqa: E402
+from ssd_lightning.predict import predict  # noqa: E402
+from ssd_lightning.tools.onnx_runtime import OnnxDetector, open_session, per_image  # noqa: E402
+
+# parity bounds: the post-processing graph on the same network outputs (boxes in original image
+# pixels), the detector end to end (boxes in network-input pixels: there the network's fp32 noise
+# moves them, by ~1e-3 px where the tiny model's outputs are in the hundreds), scores
+POSTPROCESS_PX, DETECTOR_INPUT_PX, SCORE = 1e-3, 1e-2, 1e-4
+IMAGES = sorted((PENNFUDAN / "PNGImages").glob("*.png"))[-6:]  # validation-split images
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny run's model exported by the export task (its parity check included)."""
+    out = tmp_path_factory.mktemp("export")
+    model = tiny_run["dir"] / "ssd_resnet34_pennfudan_best.pt"
+    cfg = make_cfg([f"ckpt_path={model}", f"output_dir={out}", "name=tiny"], out / "run", "export")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        export(cfg)
+    return {"dir": out, "model": model, "stdout": stdout.getvalue(), "onnx": out / "tiny.onnx"}
+
+
+def _batch(size: int, files: list[Path] = IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
+    originals = [read_rgb(f) for f in files]
+    transform = build_eval_transform(size)
+    images = torch.stack([transform(o) for o in originals])
+    return images, torch.tensor([list(o.shape[-2:]) for o in originals])
+
+
+def _assert_same_detections(
+    got: list[dict], ref: list[dict], box_px: float, px_scale: torch.Tensor | None = None
+) -> None:
+    """Same count per image; each box matched one to one to a reference box with the same label,
+    within ``box_px`` (pixels of the boxes, or divided by ``px_scale`` (B,2) (h, w)); matched
+    scores within SCORE."""
+    assert sum(len(d["boxes"]) for d in ref) > 0, "nothing detected: the comparison would be empty"
+    for i, (g, r) in enumerate(zip(got, ref, strict=True)):
+        assert len(g["boxes"]) == len(r["boxes"]), f"image {i}"
+        if not len(r["boxes"]):
+            continue
+        scale = 1.0 if px_scale is None else px_scale[i].flip(0).repeat(2)  # (w, h, w, h)
+        dist = ((g["boxes"][:, None] - r["boxes"][None]).abs() / scale).amax(-1)
+        dist[g["labels"][:, None] != r["labels"][None]] = float("inf")
+        best = dist.argmin(1)
+        assert best.unique().numel() == len(best), f"image {i}: two boxes matched to one"
+        assert dist.min(1).values.max() <= box_px, f"image {i}"
+        assert (g["scores"] - r["scores"][best]).abs().max() <= SCORE, f"image {i}"
+
+
+def test_postprocess_graph_is_core_postprocess(exported: dict) -> None:
+    net, info = load_model(exported["model"])
+    session, meta = open_session(exported["dir"] / "tiny_postprocess.onnx")
+    thr = info["predict"]
+    assert meta["thresholds"] == thr  # the model's own thresholds, fixed in the graph
+    images, sizes = _batch(int(net.image_size))
+    with torch.no_grad():
+        loc, logits = net(images)
+    for lo, hi in ((0, len(images)), (0, 1), (2, 5)):  # the batch axis is dynamic
+        feeds = {"loc": loc[lo:hi].numpy(), "logits": logits[lo:hi].numpy()}
+        feeds["orig_sizes"] = sizes[lo:hi].numpy()
+        got = per_image(session.run(None, feeds), hi - lo, thr["score_threshold"], thr["top_k"])
+        ref = postprocess(loc[lo:hi], logits[lo:hi], net.anchors_cxcywh, sizes[lo:hi], **thr)
+        _assert_same_detections(got, ref, POSTPROCESS_PX)
+
+
+def test_onnxruntime_detector_matches_ssd_detect(exported: dict) -> None:
+    net, info = load_model(exported["model"])
+    onnx = OnnxDetector(exported["onnx"])
+    assert onnx.thresholds == info["predict"]
+    images, sizes = _batch(onnx.image_size)
+    input_px = sizes / images.shape[-1]  # original pixels per network-input pixel
+    ref = net.detect(images, sizes, **info["predict"])
+    _assert_same_detections(onnx.detect(images, sizes), ref, DETECTOR_INPUT_PX, input_px)
+    for lo, hi in ((0, 1), (2, 5)):  # one image alone, a batch of three
+        part = onnx.detect(images[lo:hi], sizes[lo:hi])
+        _assert_same_detections(part, ref[lo:hi], DETECTOR_INPUT_PX, input_px[lo:hi])
+    # without orig_sizes the boxes are in the pixels of the network input, as SSD.detect's
+    ref = net.detect(images, **info["predict"])
+    _assert_same_detections(onnx.detect(images), ref, DETECTOR_INPUT_PX)
+
+
+def test_network_graph_and_description(exported: dict) -> None:
+    net, info = load_model(exported["model"])
+    sidecar = json.loads((exported["dir"] / "tiny.json").read_text())
+    session, meta = open_session(exported["dir"] / "tiny_network.onnx")
+    assert meta["graph"] == "network" and sidecar["network"] == "tiny_network.onnx"
+    for key in ("image_size", "thresholds", "class_names", "anchors", "normalization"):
+        assert meta[key] == sidecar[key], key
+    assert sidecar["image_size"] == 128 and sidecar["class_names"] == ["background", "pedestrian"]
+    assert sidecar["anchors"]["name"] == "tall_skinny" and sidecar["thresholds"] == info["predict"]
+    assert sidecar["parity"]["ok"] and sidecar["parity"]["detector"]["detections"] > 0
+    assert sidecar["postprocess"] == "tiny_postprocess.onnx"
+    images, _ = _batch(128, IMAGES[:2])
+    loc, logits, anchors = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        ref_loc, ref_logits = net(images)
+    assert torch.equal(torch.from_numpy(anchors), net.anchors_cxcywh)
+    for got, ref in ((loc, ref_loc), (logits, ref_logits)):
+        torch.testing.assert_close(torch.from_numpy(got), ref, atol=1e-5 * ref.abs().max(), rtol=0)
+    assert "parity with PyTorch on 8 images" in exported["stdout"]
+
+
+def test_predict_runs_the_onnx_detector(exported: dict, tmp_path: Path) -> None:
+    inputs = tmp_path / "photos"
+    inputs.mkdir()
+    for f in IMAGES[:3]:
+        (inputs / f.name).write_bytes(f.read_bytes())
+    pt = predict(exported["model"], inputs, tmp_path / "pt", draw=False, device="cpu")
+    ox = predict(exported["onnx"], inputs, tmp_path / "onnx", draw=True)
+    assert ox["thresholds"] == pt["thresholds"] and ox["class_names"] == pt["class_names"]
+    for a, b in zip(ox["images"], pt["images"], strict=True):
+        assert (a["file"], a["height"], a["width"]) == (b["file"], b["height"], b["width"])
+        assert len(a["detections"]) == len(b["detections"]) > 0
+        assert Path(a["output"]).is_file()
+    # a stricter score threshold / smaller top-k is applied after the graph, exactly
+    strict = predict(exported["onnx"], inputs, tmp_path / "s", score_threshold=0.9, top_k=3)
+    ref = predict(exported["model"], inputs, tmp_path / "r", score_threshold=0.9, top_k=3)
+    for a, b in zip(strict["images"], ref["images"], strict=True):
+        assert [d["score"] for d in a["detections"]] == pytest.approx(
+            [d["score"] for d in b["detections"]], abs=SCORE
+        )
+
+
+def test_user_mistakes_are_one_message(exported: dict, tmp_path: Path) -> None:
+    photo = IMAGES[0]
+    r = run_cli(
+        "ssd_lightning.predict",
+        f"ckpt_path={exported['onnx']}",
+        f"input={photo}",
+        f"output_dir={tmp_path}",
+        "score_threshold=0.2",
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "score_threshold=0.2" in r.stderr and "export again" in r.stderr
+    r = run_cli(
+        "ssd_lightning.predict",
+        f"ckpt_path={exported['dir'] / 'tiny_network.onnx'}",
+        f"input={photo}",
+        f"output_dir={tmp_path}",
+    )
+    assert r.returncode == 2 and "network graph alone" in r.stderr and "tiny.onnx" in r.stderr
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(exported["onnx"].read_bytes()[:5000])
+    with pytest.raises(ValueError, match="onnxruntime cannot load it"):
+        OnnxDetector(broken)
+    r = run_cli("ssd_lightning.export", f"ckpt_path={exported['model']}", "format=tflite")
+    assert r.returncode == 2 and "format='tflite': allowed values are onnx" in r.stderr

@@ -1,0 +1,92 @@
+"""The Optuna search: trials train with the sampled anchors and return optimized_metric; the
+search writes its results and summarize shows the best parameters first."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_cfg, run_cli, tiny
+
+from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.tools.search import check_objective, objective_value
+
+pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+
+TRIALS = 2
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sweep = tmp_path_factory.mktemp("search")
+    r = run_cli(
+        "ssd_lightning.train",
+        "-m",
+        "hparams_search=anchors_optuna",
+        f"hydra.sweeper.n_trials={TRIALS}",
+        *tiny(
+            "logger=none",
+            f"hydra.sweep.dir={sweep}",
+            trainer__limit_train_batches=1,
+            callbacks__prediction_images__every_n_epochs=100,
+        ),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return sweep
+
+
+@pytest.mark.slow
+def test_trials_train_the_sampled_anchors_and_return_the_metric(search: Path) -> None:
+    results = yaml.safe_load((search / "optimization_results.yaml").read_text())
+    params = results["best_params"]
+    assert len(params) == 6 * 3 + 7  # every map's three ratios, the seven scales
+    values = []
+    for n in range(TRIALS):
+        job = search / str(n)
+        overrides = dict(
+            o.split("=", 1) for o in yaml.safe_load((job / ".hydra/overrides.yaml").read_text())
+        )
+        anchors = yaml.safe_load((job / "config_resolved.yaml").read_text())["model"]["net"][
+            "anchors"
+        ]
+        for key in params:  # the network was built from this trial's sample
+            _, field, *index = key.split(".")
+            value = anchors[field]
+            for i in index:
+                value = value[int(i)]
+            assert value == pytest.approx(float(overrides[key]))
+        values.append(json.loads((job / "metrics.json").read_text())["val/map_50"])
+    assert results["best_value"] == pytest.approx(max(values))  # maximized, as configured
+
+
+@pytest.mark.slow
+def test_summarize_shows_the_best_parameters_first(search: Path, tmp_path: Path) -> None:
+    r = run_cli("ssd_lightning.summarize", str(search), "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("Optuna search: best val/map_50 = ")
+    assert lines[1] == "best parameters:" and lines[2].startswith("  anchors.ratios.0.0 = ")
+    rerun = next(line for line in lines if line.startswith("rerun it: "))
+    assert "hparams_search=anchors_optuna" in rerun and "anchors.scales.6=" in rerun
+    assert "Optuna search: best val/map_50" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_objective_is_checked(tmp_path: Path) -> None:
+    cfg = make_cfg(tiny("hparams_search=anchors_optuna", "optimized_metric=train/loss"), tmp_path)
+    with pytest.raises(ConfigError, match="set hydra.sweeper.direction=minimize"):
+        check_objective(cfg)  # a loss the search would maximize
+    cfg = make_cfg(tiny("optimized_metric=val/map", "data.val_size=0"), tmp_path)
+    with pytest.raises(ConfigError, match="data.val_size=0"):
+        check_objective(cfg)
+    cfg = make_cfg(tiny("optimized_metric=map50"), tmp_path)
+    with pytest.raises(ConfigError, match="optimized_metric='map50'"):
+        check_objective(cfg)
+    cfg = make_cfg(tiny("optimized_metric=val/map_75"), tmp_path)
+    assert check_objective(cfg) == "val/map_75"
+    with pytest.raises(ConfigError, match="did not log it; it logged train/loss, val/map_50"):
+        objective_value(cfg, {"train/loss": 1.0, "val/map_50": 0.5, "epoch": 3})
+    assert objective_value(cfg, {"val/map_75": 0.25}) == 0.25
+    assert math.isnan(objective_value(cfg, {"val/map_75": float("nan")}))
