@@ -16,7 +16,12 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ssd_lightning.data.dataset import DetectionDataset, PennFudanDataset
-from ssd_lightning.data.presets import build_eval_transform, build_fallbacks, build_train_transform
+from ssd_lightning.data.presets import (
+    build_eval_transform,
+    build_fallbacks,
+    build_train_transform,
+    needs_masks,
+)
 from ssd_lightning.data.transforms import (
     BoundedRandomIoUCrop,
     ResizeKeepLargest,
@@ -41,6 +46,7 @@ def train_ds(aug: dict | None = None) -> PennFudanDataset:
         transforms=build_train_transform(aug, S),
         fallbacks=build_fallbacks(aug, S),
         skip_empty=True,
+        with_masks=needs_masks(aug),
     )
 
 
@@ -81,6 +87,7 @@ def test_safe_crop_pipeline_order():
         "ToImage",
         "RandomPhotometricDistort",
         "RandomChoice",
+        "TightBoxes",
         "RandomHorizontalFlip",
         "Resize",
         "SanitizeBoundingBoxes",

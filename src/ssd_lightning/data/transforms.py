@@ -3,6 +3,7 @@ pipeline stages); ``presets`` puts them into pipelines.
 
 - ``SafeBoxCenteredCrop``: an object-centric crop that always keeps a chosen box
 - ``BoundedRandomIoUCrop``: torchvision's RandomIoUCrop with its retry loop bounded
+- ``TightBoxes``: boxes recomputed from the instance masks after the crop, slivers dropped
 - ``ResizeKeepLargest``: the last empty-box fallback stage (resize-only, largest box kept)
 
 Boxes are XYXY in pixels of the image they travel with (continuous pixel edges, see dataset.py).
@@ -11,6 +12,7 @@ Randomness comes from torch's global generator, so ``torch.manual_seed`` reprodu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -20,6 +22,8 @@ from torchvision.ops import box_iou
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import get_bounding_boxes, query_size
+
+from ssd_lightning.data.mask_runs import visible_boxes
 
 
 class SafeBoxCenteredCrop(v2.Transform):
@@ -198,6 +202,59 @@ class BoundedRandomIoUCrop(v2.RandomIoUCrop):
         return {}
 
 
+class TightBoxes:
+    """Pipeline stage right after the crop step: each box becomes the box around what is still
+    visible of its instance mask (``target["mask_runs"]``, moved by the steps before this one),
+    so a pedestrian a crop cuts is boxed where it is seen, not across the background its clipped
+    box spans; the flips and the resize after it move the tight boxes exactly. An instance is
+    dropped (box zeroed, ``SanitizeBoundingBoxes`` removes it with its label) when less than
+    ``min_visible`` of its mask stays in view, when less than ``min_pixels`` of mask area would
+    reach the network input (the canvas resized to ``image_size`` x ``image_size``), or when an
+    earlier step dropped its box. The runs leave the target here; a sample without them (boxes
+    only) passes unchanged."""
+
+    def __init__(
+        self, image_size: int = 300, min_visible: float = 0.0, min_pixels: float = 1.0
+    ) -> None:
+        checks = (
+            ("min_visible", min_visible, 1.0, "a number in [0, 1]"),
+            ("min_pixels", min_pixels, math.inf, "a number >= 0"),
+        )
+        for key, value, top, allowed in checks:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and 0 <= value <= top):
+                raise ValueError(
+                    f"augmentation.tight_boxes.{key}={value!r}: allowed values are {allowed}"
+                )
+        self.image_size = int(image_size)
+        self.min_visible, self.min_pixels = float(min_visible), float(min_pixels)
+
+    def __call__(self, image: Any, target: dict) -> tuple[Any, dict]:
+        runs = target.get("mask_runs")
+        if runs is None:
+            return image, target
+        boxes = target["boxes"]  # BoundingBoxes (G, 4) XYXY, the project's format
+        old = boxes.as_subclass(Tensor)  # plain tensors: no per-op tv_tensor dispatch
+        if runs.as_subclass(Tensor).shape[0] != old.shape[0]:
+            raise ValueError(
+                f"TightBoxes: instance masks for {runs.shape[0]} boxes, not {old.shape[0]}; a "
+                "step before it removed boxes without their masks (put SanitizeBoundingBoxes "
+                "after TightBoxes)"
+            )
+        tight, area = visible_boxes(runs)  # (G, 4) xyxy, (G,) in canvas pixels
+        h, w = runs.canvas_size
+        keep = (
+            (old[:, 2] > old[:, 0])  # not dropped by an earlier step
+            & (old[:, 3] > old[:, 1])
+            & (area > 0)
+            & (area >= self.min_visible * runs.area)
+            & (area >= self.min_pixels * (h * w) / self.image_size**2)  # in canvas pixels
+        )
+        new = {k: v for k, v in target.items() if k != "mask_runs"}
+        new["boxes"] = tv_tensors.wrap(torch.where(keep[:, None], tight, 0.0), like=boxes)
+        return image, new
+
+
 class ResizeKeepLargest:
     """Fallback stage 2: the resize-only path keeping only the largest original box, widened to
     at least 1 px after the resize so the sample is never empty. Output as the train pipeline."""
@@ -223,7 +280,9 @@ class ResizeKeepLargest:
             small = (b[:, hi] - b[:, lo]) < 1
             b[:, lo] = torch.where(small, c - 0.5, b[:, lo])
             b[:, hi] = torch.where(small, c + 0.5, b[:, hi])
-        new = {k2: v for k2, v in target.items() if k2 not in ("boxes", "labels", "masks")}
+        # the whole largest box is kept, so it is already tight: the mask runs are not needed
+        drop = ("boxes", "labels", "masks", "mask_runs")
+        new = {k2: v for k2, v in target.items() if k2 not in drop}
         new["boxes"] = tv_tensors.BoundingBoxes(b, format="XYXY", canvas_size=self.size)
         new["labels"] = target["labels"][k : k + 1]
         if "masks" in target:
