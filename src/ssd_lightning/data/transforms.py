@@ -252,6 +252,12 @@ class TightBoxes:
         self.image_size = int(image_size)
         self.min_visible, self.min_pixels = float(min_visible), float(min_pixels)
 
+    def __repr__(self) -> str:
+        return (
+            f"TightBoxes(image_size={self.image_size}, min_visible={self.min_visible}, "
+            f"min_pixels={self.min_pixels})"
+        )
+
     def __call__(self, image: Any, target: dict) -> tuple[Any, dict]:
         runs = target.get("mask_runs")
         if runs is None:
