@@ -15,6 +15,7 @@ dataset.py), computed with the same float arithmetic the transforms apply to the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,7 +86,9 @@ def _center_crop(runs: MaskRuns, output_size: Any) -> MaskRuns:
 
 
 @F.register_kernel(F.resize, MaskRuns)
-def _resize(runs: MaskRuns, size: Any, *args: Any, max_size: int | None = None, **kwargs: Any):
+def _resize(
+    runs: MaskRuns, size: Any, *args: Any, max_size: int | None = None, **kwargs: Any
+) -> MaskRuns:
     h, w = runs.canvas_size
     points, (nh, nw) = F.resize_keypoints(_plain(runs), size, (h, w), max_size=max_size)
     return _runs(points, (nh, nw), runs.area * ((nh / h) * (nw / w)))
@@ -99,12 +102,14 @@ def _resized_crop(
 
 
 @F.register_kernel(F.pad, MaskRuns)
-def _pad(runs: MaskRuns, padding: Any, fill: Any = None, padding_mode: str = "constant"):
+def _pad(
+    runs: MaskRuns, padding: Any, fill: Any = None, padding_mode: str = "constant"
+) -> MaskRuns:
     points, canvas = F.pad_keypoints(_plain(runs), runs.canvas_size, padding, padding_mode)
     return _runs(points, canvas, runs.area)
 
 
-def _not_followed(name: str):
+def _not_followed(name: str) -> Callable[..., MaskRuns]:
     def kernel(runs: MaskRuns, *args: Any, **kwargs: Any) -> MaskRuns:
         raise NotImplementedError(
             f"augmentation.tight_boxes: the instance masks follow crops, flips, resizes and "
@@ -120,7 +125,8 @@ for _fn in (F.affine, F.rotate, F.perspective, F.elastic):
 
 
 def mask_runs(masks: Tensor) -> MaskRuns:
-    """(G, H, W) bool instance masks -> their ``MaskRuns`` on the (H, W) canvas."""
+    """(G, H, W) bool instance masks -> their ``MaskRuns`` on the (H, W) canvas. (An instance
+    without a mask can be given its box, filled: it then keeps the box the geometry gives.)"""
     g, h, w = masks.shape
     edges = torch.nn.functional.pad(masks.to(torch.int8), (1, 1)).diff(dim=-1)  # (G, H, W+1)
     inst, y, x0 = (edges == 1).nonzero(as_tuple=True)  # run starts, in row-major order
