@@ -273,8 +273,7 @@ class TightBoxes:
         tight, area = visible_boxes(runs)  # (G, 4) xyxy, (G,) in canvas pixels
         h, w = runs.canvas_size
         keep = (
-            (old[:, 2] > old[:, 0])  # not dropped by an earlier step
-            & (old[:, 3] > old[:, 1])
+            (old[:, 2:] > old[:, :2]).all(1)  # not dropped by an earlier step
             & (area > 0)
             & (area >= self.min_visible * runs.area)
             & (area >= self.min_pixels * (h * w) / self.image_size**2)  # in canvas pixels
