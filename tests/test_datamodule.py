@@ -87,6 +87,14 @@ def test_setup_uses_the_committed_split(dm):
     assert dm.test_set is dm.val_set
 
 
+def test_only_augmented_training_samples_read_masks(dm):
+    assert dm.train_set.with_masks and "mask_runs" in dm.train_set.raw(0)[1]
+    assert not dm.val_set.with_masks  # evaluation boxes are not augmented
+    light = PennFudanDataModule(num_workers=0, augmentation=load_option("augmentation", "light"))
+    light.setup("fit")
+    assert not light.train_set.with_masks  # no crop, no tight boxes
+
+
 def test_train_batch(dm):
     torch.manual_seed(0)
     b = next(iter(dm.train_dataloader()))

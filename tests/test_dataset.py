@@ -27,6 +27,7 @@ from ssd_lightning.data.manifest import (
     split_names,
     verify_dataset,
 )
+from ssd_lightning.data.mask_runs import MaskRuns, visible_boxes
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +137,18 @@ def test_boxes_are_masks_to_boxes_with_exclusive_max(full_ds):
 
 
 def test_instance_masks_on_request():
+    """with_masks adds each instance's mask as row runs, in the order of the boxes; samples of a
+    dataset without masks stay boxes only."""
     ds = PennFudanDataset(PENNFUDAN, names=["FudanPed00001.png"], with_masks=True)
     img, t = ds[0]
-    assert isinstance(t["masks"], tv_tensors.Mask) and t["masks"].shape == (2, *img.shape[-2:])
-    torch.testing.assert_close(
-        masks_to_boxes(t["masks"]) + torch.tensor([0, 0, 1, 1]),
-        t["boxes"].as_subclass(torch.Tensor),
-    )
+    runs = t["mask_runs"]
+    assert isinstance(runs, MaskRuns) and len(runs) == 2 and runs.canvas_size == img.shape[-2:]
+    boxes, area = visible_boxes(runs)
+    torch.testing.assert_close(boxes, t["boxes"].as_subclass(torch.Tensor))
+    mask = torch.from_numpy(np.array(Image.open(ds.mask_path("FudanPed00001.png"))))
+    torch.testing.assert_close(area, torch.stack([(mask == k).sum() for k in (1, 2)]).float())
+    assert runs is not ds[0][1]["mask_runs"]  # a copy per sample
+    assert "mask_runs" not in PennFudanDataset(PENNFUDAN, names=["FudanPed00001.png"])[0][1]
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA"])

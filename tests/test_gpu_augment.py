@@ -18,7 +18,7 @@ from ssd_lightning.data.dataset import PennFudanDataset
 from ssd_lightning.data.gpu.pixels import GpuAugmenter, photometric
 from ssd_lightning.data.gpu.plan import PHOTO_SLOTS, GpuPlanDataset, unplannable_steps
 from ssd_lightning.data.gpu.record import NoGpuKernel
-from ssd_lightning.data.presets import build_fallbacks, build_train_transform
+from ssd_lightning.data.presets import build_fallbacks, build_train_transform, needs_masks
 from ssd_lightning.data.transforms import ResizeKeepLargest
 
 SAFE_CROP = load_option("augmentation", "safe_crop")
@@ -31,7 +31,12 @@ def _pair(aug=SAFE_CROP, transforms=None, fallbacks=None):
     if transforms is None:
         transforms, fallbacks = build_train_transform(aug, S), build_fallbacks(aug, S)
     cpu = PennFudanDataset(
-        PENNFUDAN, NAMES, transforms=transforms, fallbacks=fallbacks or [], skip_empty=True
+        PENNFUDAN,
+        NAMES,
+        transforms=transforms,
+        fallbacks=fallbacks or [],
+        skip_empty=True,
+        with_masks=needs_masks(aug),
     )
     return cpu, GpuPlanDataset(cpu), GpuAugmenter(cpu)
 
@@ -59,9 +64,13 @@ def _close(a: torch.Tensor, b: torch.Tensor, mean_tol: float, q99_tol: float) ->
 
 def test_same_boxes_and_close_images_safe_crop() -> None:
     cpu, gpu, aug = _pair()
-    flips = crops = photos = 0
+    # the same pipeline without the instance masks: boxes as the geometry alone leaves them
+    boxes_only = PennFudanDataset(PENNFUDAN, NAMES, cpu.transforms, cpu.fallbacks, True)
+    flips = crops = photos = tightened = 0
     means = []
-    for img, t, plan, t2, batch in _draw(cpu, gpu, aug, range(36)):
+    for seed, (img, t, plan, t2, batch) in enumerate(_draw(cpu, gpu, aug, range(36))):
+        torch.manual_seed(seed)
+        tightened += not torch.equal(boxes_only[seed % len(cpu)][1]["boxes"], t["boxes"])
         # boxes, labels and fallback stage: the same code ran on the same draws -> identical
         assert torch.equal(t["boxes"], t2["boxes"])
         assert torch.equal(t["labels"], t2["labels"])
@@ -76,6 +85,7 @@ def test_same_boxes_and_close_images_safe_crop() -> None:
         crops += plan.roi != (0.0, 0.0, float(t["orig_size"][1]), float(t["orig_size"][0]))
         photos += plan.photo != (1.0, 1.0, 1.0, 0.0, 1.0) or plan.perm != (0, 1, 2)
     assert flips and crops and photos  # every kind of operation was exercised
+    assert tightened  # the masks were planned too: some boxes are tighter than the geometry's
     assert sum(means) / len(means) < 0.01
 
 

@@ -1,10 +1,19 @@
-"""Batched postprocess equals a per-image torchvision NMS loop."""
+"""Batched postprocess equals a per-image torchvision NMS loop; a confident detection is never
+crowded out before NMS."""
 
+import math
+
+import pytest
 import torch
 from torchvision.ops import box_convert, nms
 
 from ssd_lightning.core.box_coding import decode
-from ssd_lightning.core.postprocess import postprocess
+from ssd_lightning.core.postprocess import (
+    EVALUATE_DEFAULTS,
+    PREDICT_DEFAULTS,
+    check_thresholds,
+    postprocess,
+)
 
 from _synthetic import anchors_300
 
@@ -12,11 +21,14 @@ ANCHORS_CXCYWH, _ = anchors_300()
 N = ANCHORS_CXCYWH.shape[0]
 
 
-def _reference(loc, logits, sizes, thr, iou, k):
+def _reference(loc, logits, sizes, thr, iou, k, cap=None):
+    """One image at a time: threshold, the best `cap` of those, non-empty boxes, NMS, top k."""
     out = []
     for b in range(loc.shape[0]):
         scores = logits[b].softmax(-1)[:, 1]
-        keep = scores > thr
+        keep = (scores > thr).nonzero()[:, 0]
+        if cap is not None:
+            keep = keep[scores[keep].topk(min(cap, len(keep))).indices]
         boxes = box_convert(decode(loc[b][keep], ANCHORS_CXCYWH[keep]), "cxcywh", "xyxy")
         h, w = sizes[b].tolist()
         boxes = boxes.clamp(0, 1) * torch.tensor([w, h, w, h])
@@ -45,7 +57,8 @@ def test_equals_per_image_torchvision_nms():
         assert len(o["boxes"]) <= 20
 
 
-def test_evaluation_thresholds_and_pre_nms_limit():
+@pytest.mark.parametrize("cap", [50, 400])
+def test_evaluation_thresholds_and_pre_nms_limit(cap):
     gen = torch.Generator().manual_seed(1)
     loc = torch.randn(2, N, 4, generator=gen) * 0.5
     logits = torch.randn(2, N, 2, generator=gen)
@@ -55,10 +68,60 @@ def test_evaluation_thresholds_and_pre_nms_limit():
     for o, (boxes, _) in zip(full, ref, strict=True):
         torch.testing.assert_close(o["boxes"], boxes)
         assert len(o["boxes"]) == 100
-    limited = postprocess(loc, logits, ANCHORS_CXCYWH, sizes, 0.01, 0.45, 100, pre_nms_top_k=400)
-    for o in limited:
+    limited = postprocess(loc, logits, ANCHORS_CXCYWH, sizes, 0.01, 0.45, 100, pre_nms_top_k=cap)
+    ref = _reference(loc, logits, sizes, 0.01, 0.45, 100, cap)
+    for o, (boxes, scores) in zip(limited, ref, strict=True):
+        torch.testing.assert_close(o["boxes"], boxes)
+        torch.testing.assert_close(o["scores"], scores)
         assert 0 < len(o["boxes"]) <= 100
         assert (o["scores"][:-1] >= o["scores"][1:]).all()
+
+
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))  # foreground logit against a background logit of 0
+
+
+def test_a_confident_detection_is_not_crowded_out_before_nms():
+    """500 anchors fire at 0.993 on person A and one at 0.881 on person B. A per-image top 400
+    taken before the threshold kept only A's anchors, so B was lost; at the predict settings both
+    come back, and with a cap it is the best `cap` of each (image, class) above the threshold."""
+    person_a = torch.tensor([0.3, 0.5, 0.2, 0.6])  # cxcywh, normalized
+    person_b = torch.tensor([0.75, 0.5, 0.15, 0.5])
+    gen = torch.Generator().manual_seed(0)
+    others = torch.cat([torch.rand(2000, 2, generator=gen), torch.full((2000, 2), 0.05)], 1)
+    anchors = torch.cat([person_a.expand(500, 4), person_b[None], others])
+    jitter = torch.randn(len(anchors), 4, generator=gen) * 0.05  # A's boxes nearly the same
+    logits = torch.zeros(2, len(anchors), 2)
+    logits[:, :500, 1] = _logit(0.993)
+    logits[:, 500, 1] = _logit(0.881)
+    logits[:, 501:, 1] = -8.0  # background
+    sizes = torch.tensor([[400, 600], [400, 600]])
+    loc = jitter.expand(2, -1, -1)
+    for out in postprocess(loc, logits, anchors, sizes, **PREDICT_DEFAULTS):
+        assert len(out["boxes"]) == 2
+        torch.testing.assert_close(out["scores"], torch.tensor([0.993, 0.881]))
+        assert out["boxes"][1, 0] > 300  # B, on the right
+    assert len(postprocess(loc, logits, anchors, sizes, pre_nms_top_k=501)[0]["boxes"]) == 2
+    assert len(postprocess(loc, logits, anchors, sizes, pre_nms_top_k=500)[0]["boxes"]) == 1
+
+
+def test_the_cap_is_per_class():
+    """Another class's many anchors never take the cap's places."""
+    anchors = torch.tensor([[0.3, 0.5, 0.2, 0.6]] * 500 + [[0.8, 0.5, 0.2, 0.6]])
+    logits = torch.zeros(1, 501, 3)
+    logits[0, :500, 1] = 9.0  # class 1 on every anchor of A
+    logits[0, 500, 2] = 3.0  # class 2, weaker, on B
+    out = postprocess(
+        torch.zeros(1, 501, 4), logits, anchors, torch.tensor([[300, 300]]), pre_nms_top_k=10
+    )[0]
+    assert out["labels"].tolist() == [1, 2]
+
+
+def test_pre_nms_top_k_is_a_threshold_setting():
+    assert "pre_nms_top_k" not in PREDICT_DEFAULTS and EVALUATE_DEFAULTS["pre_nms_top_k"] == 400
+    assert check_thresholds({"pre_nms_top_k": None}, "model.predict") == {"pre_nms_top_k": None}
+    with pytest.raises(ValueError, match=r"model.evaluate.pre_nms_top_k=0: .*integer >= 1 or null"):
+        check_thresholds({"pre_nms_top_k": 0}, "model.evaluate")
 
 
 def test_multiclass_labels_are_foreground_classes():

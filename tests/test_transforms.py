@@ -9,15 +9,21 @@ import pytest
 import torch
 import yaml
 from conftest import PENNFUDAN
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ssd_lightning.data.dataset import DetectionDataset, PennFudanDataset
-from ssd_lightning.data.presets import build_eval_transform, build_fallbacks, build_train_transform
+from ssd_lightning.data.presets import (
+    build_eval_transform,
+    build_fallbacks,
+    build_train_transform,
+    needs_masks,
+)
 from ssd_lightning.data.transforms import (
+    ASPECT_OF,
     BoundedRandomIoUCrop,
     ResizeKeepLargest,
     SafeBoxCenteredCrop,
@@ -41,6 +47,7 @@ def train_ds(aug: dict | None = None) -> PennFudanDataset:
         transforms=build_train_transform(aug, S),
         fallbacks=build_fallbacks(aug, S),
         skip_empty=True,
+        with_masks=needs_masks(aug),
     )
 
 
@@ -81,6 +88,7 @@ def test_safe_crop_pipeline_order():
         "ToImage",
         "RandomPhotometricDistort",
         "RandomChoice",
+        "TightBoxes",
         "RandomHorizontalFlip",
         "Resize",
         "SanitizeBoundingBoxes",
@@ -170,7 +178,10 @@ def check_crop(t: SafeBoxCenteredCrop, img: Tensor, boxes: Tensor) -> dict:
     x, y, cw, ch = p["left"], p["top"], p["width"], p["height"]
     assert x >= 0 and y >= 0 and x + cw <= w and y + ch <= h  # inside the image
     assert t.min_area_frac - 1e-6 <= cw * ch / (h * w) <= t.max_area_frac + 1e-6
-    assert t.aspect[0] - 1e-6 <= cw / ch <= t.aspect[1] + 1e-6
+    target = boxes[p["target"]].float()
+    size = (target[2:] - target[:2]).clamp(min=1)  # the target's (w, h), >= 1 px for its aspect
+    ref = w / h if t.aspect_of == "image" else float(size[0] / size[1])
+    assert t.aspect[0] * (1 - 1e-5) <= cw / ch / ref <= t.aspect[1] * (1 + 1e-5)
     assert min(cw, ch) >= t.min_crop_size
     vis = visibility(boxes.float(), torch.tensor([x, y, x + cw, y + ch], dtype=torch.float32))
     assert vis[p["target"]] >= t.min_visibility - 1e-6
@@ -191,10 +202,14 @@ def check_crop(t: SafeBoxCenteredCrop, img: Tensor, boxes: Tensor) -> dict:
 
 
 def test_crop_invariants_on_real_images():
+    """The shipped crop on every image, 12 draws each: the guarantees hold, a crop is found at
+    once, and the crops zoom vertically (the crop used to keep the tall target's shape, and the
+    aspect bound forced 97.5% of the crops to the full image height)."""
     ds = PennFudanDataset(PENNFUDAN)
     crop = SafeBoxCenteredCrop(**preset("safe_crop")["crop"]["safe_box"])
     torch.manual_seed(3)
     accepted = tries = calls = 0
+    heights = []  # crop height / image height of the accepted crops
     for i in range(len(ds)):
         img, tgt = ds.raw(i)
         boxes = tgt["boxes"].as_subclass(Tensor)
@@ -204,8 +219,13 @@ def test_crop_invariants_on_real_images():
             calls += 1
             accepted += p["accepted"]
             tries += p["tries"]
+            if p["accepted"]:
+                heights.append(p["height"] / img.shape[-2])
     assert calls == 2040 and accepted > 0.9 * calls
     assert tries / calls < 10  # usually found in a few attempts
+    heights = torch.tensor(heights)
+    assert (heights > 0.999).float().mean() < 0.1
+    assert heights.quantile(0.25) < 0.85 and heights.median() < 0.95
 
 
 @settings(max_examples=150, deadline=None)
@@ -216,13 +236,14 @@ def test_crop_invariants_on_real_images():
     context=st.tuples(st.floats(0.3, 2.0), st.floats(0.0, 3.0)),
     min_area=st.floats(0, 0.8),
     aspect_lo=st.floats(0.2, 1.0),
+    aspect_of=st.sampled_from(ASPECT_OF),
     min_vis=st.floats(0.1, 1.0),
     keep_vis=st.floats(0.0, 1.0),
     max_tries=st.integers(1, 60),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_crop_invariants_property(
-    h, w, raw, context, min_area, aspect_lo, min_vis, keep_vis, max_tries, seed
+    h, w, raw, context, min_area, aspect_lo, aspect_of, min_vis, keep_vis, max_tries, seed
 ):
     r = torch.tensor(raw)
     x = torch.sort(r[:, [0, 2]] * w, dim=1).values
@@ -232,6 +253,7 @@ def test_crop_invariants_property(
         context=(context[0], context[0] + context[1]),
         min_area_frac=min_area,
         aspect=(aspect_lo, 1 / aspect_lo),
+        aspect_of=aspect_of,
         min_visibility=min_vis,
         keep_visibility=keep_vis,
         max_tries=max_tries,
@@ -239,6 +261,44 @@ def test_crop_invariants_property(
     )
     torch.manual_seed(seed)
     check_crop(crop, torch.zeros(3, h, w, dtype=torch.uint8), boxes)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    h=st.integers(100, 600),
+    w_over_h=st.floats(0.7, 2.0),
+    box_h=st.floats(0.3, 0.8),  # share of the image height
+    box_aspect=st.floats(0.2, 0.5),  # tall: width / height
+    where=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+    shape=st.sampled_from([("image", (0.5, 2.0)), ("box", (2.0, 4.0))]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_tall_targets_are_zoomed_vertically(h, w_over_h, box_h, box_aspect, where, shape, seed):
+    """On a tall pedestrian (w/h <= 0.5, at most 80% of the image height) crops are found and are
+    not all of the image's full height."""
+    w = round(h * w_over_h)
+    bh, bw = box_h * h, min(box_h * h * box_aspect, w)
+    x, y = where[0] * (w - bw), where[1] * (h - bh)
+    boxes = torch.tensor([[x, y, x + bw, y + bh]])
+    kwargs = preset("safe_crop")["crop"]["safe_box"]
+    crop = SafeBoxCenteredCrop(**{**kwargs, "aspect_of": shape[0], "aspect": shape[1]})
+    img = torch.zeros(3, h, w, dtype=torch.uint8)
+    heights = []
+    for k in range(20):
+        torch.manual_seed(seed + k)
+        p = check_crop(crop, img, boxes)
+        if p["accepted"]:
+            heights.append(p["height"] / h)
+    if shape[0] == "box":  # a crop of 2-4x the box's aspect may not fit a narrow photo at all
+        assume(heights)
+    assert heights and min(heights) < 0.95
+
+
+def test_crop_options_are_checked_with_their_key():
+    with pytest.raises(ValueError, match=r"augmentation.crop.safe_box.aspect_of='tall'"):
+        SafeBoxCenteredCrop(aspect_of="tall")
+    with pytest.raises(ValueError, match=r"augmentation.crop.safe_box.context=\[2.0, 1.0\]"):
+        SafeBoxCenteredCrop(context=(2.0, 1.0))
 
 
 @pytest.mark.parametrize(

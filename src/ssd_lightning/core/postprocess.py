@@ -14,26 +14,42 @@ from ssd_lightning.core.box_coding import VARIANCES, decode
 
 # Thresholds for predictions (predict, TensorBoard images) and for COCO evaluation (mAP wants the
 # low-score detections too). The configs' model.predict / model.evaluate default to these.
+# pre_nms_top_k (optional in both) caps the candidates above the threshold per (image, class)
+# before NMS. Predictions have no cap, so a confident detection is never crowded out by another
+# object's many anchors; evaluation keeps torchvision's SSD cap, which bounds NMS when its low
+# threshold passes nearly every anchor (an untrained network).
 PREDICT_DEFAULTS = {"score_threshold": 0.5, "nms_threshold": 0.45, "top_k": 20}
-EVALUATE_DEFAULTS = {"score_threshold": 0.01, "nms_threshold": 0.45, "top_k": 100}
-PRE_NMS_TOP_K = 400  # each image's best candidates kept before NMS (the exported detector's too)
+EVALUATE_DEFAULTS = {
+    "score_threshold": 0.01,
+    "nms_threshold": 0.45,
+    "top_k": 100,
+    "pre_nms_top_k": 400,
+}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 def check_thresholds(thresholds: Mapping[str, Any], key: str) -> dict[str, Any]:
-    """``{"score_threshold", "nms_threshold", "top_k"}`` checked; ``key`` names the config entry
-    in the error (e.g. ``model.predict``). Returns them as a plain dict."""
+    """``{"score_threshold", "nms_threshold", "top_k", "pre_nms_top_k"}`` checked; ``key`` names
+    the config entry in the error (e.g. ``model.predict``). Returns them as a plain dict."""
     checks = {
-        "score_threshold": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        "nms_threshold": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-        "top_k": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+        "score_threshold": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "nms_threshold": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "top_k": (_count, "an integer >= 1"),
+        "pre_nms_top_k": (lambda v: v is None or _count(v), "an integer >= 1 or null (no cap)"),
     }
     unknown = set(thresholds) - set(checks)
     if unknown:
         raise ValueError(f"{key}: unknown keys {sorted(unknown)}; allowed: {list(checks)}")
     for name, value in thresholds.items():
         ok, allowed = checks[name]
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (number and math.isfinite(value) and ok(value)):
+        if not ok(value):
             raise ValueError(f"{key}.{name}={value!r}: allowed values are {allowed}")
     return dict(thresholds)
 
@@ -43,18 +59,19 @@ def postprocess(
     logits: Tensor,
     anchors_cxcywh: Tensor,
     orig_sizes: Tensor,
-    score_threshold: float = 0.5,
-    nms_threshold: float = 0.45,
-    top_k: int = 20,
-    pre_nms_top_k: int | None = PRE_NMS_TOP_K,
+    score_threshold: float = PREDICT_DEFAULTS["score_threshold"],
+    nms_threshold: float = PREDICT_DEFAULTS["nms_threshold"],
+    top_k: int = PREDICT_DEFAULTS["top_k"],
+    pre_nms_top_k: int | None = None,
     variances: tuple[float, float] = VARIANCES,
 ) -> list[dict[str, Tensor]]:
     """loc (B,N,4), logits (B,N,C), anchors (N,4) cxcywh normalized, orig_sizes (B,2) (h, w).
 
     Returns one dict per image: ``boxes`` (K,4) xyxy in original image pixels, ``scores`` (K,),
     ``labels`` (K,) int64 (1..C-1), sorted by score, K <= top_k. Foreground classes are scored
-    with a softmax; ``pre_nms_top_k`` keeps only each image's best candidates before NMS (None:
-    all). One NMS call covers the batch, with (image, class) as the group.
+    with a softmax; a candidate is an (anchor, class) above ``score_threshold`` whose box is not
+    empty; ``pre_nms_top_k`` keeps the best that many above the threshold per (image, class)
+    (None: all). One NMS call covers the batch, with (image, class) as the group.
     """
     boxes, scores, labels, image = select_detections(
         loc,
@@ -67,7 +84,8 @@ def postprocess(
         pre_nms_top_k,
         variances,
     )
-    counts = torch.bincount(image, minlength=len(loc)).tolist()
+    counts = torch.zeros(len(loc), dtype=torch.int64, device=image.device)
+    counts = counts.scatter_add_(0, image, torch.ones_like(image)).tolist()  # the second sync
     return [
         {"boxes": b, "scores": s, "labels": lab}
         for b, s, lab in zip(
@@ -84,7 +102,7 @@ def select_detections(
     score_threshold: float,
     nms_threshold: float,
     top_k: int,
-    pre_nms_top_k: int | None,
+    pre_nms_top_k: int | None = None,
     variances: tuple[float, float] = VARIANCES,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``postprocess`` as flat tensors: ``boxes`` (D,4) xyxy in original image pixels,
@@ -93,32 +111,34 @@ def select_detections(
     ``torch.export`` traces it: the exported ONNX detector runs exactly this code.
     """
     B, N, C = logits.shape
-    scores = logits.float().softmax(-1)[..., 1:].reshape(B, -1)  # (B, N*(C-1)), index n*(C-1)+c
-    if pre_nms_top_k is not None and pre_nms_top_k < scores.shape[1]:
-        scores, cand = scores.topk(pre_nms_top_k, dim=1)  # (B, K)
-        # back to index order: how topk lists equal scores is the runtime's choice (see below)
-        cand, perm = cand.sort(dim=1)
+    scores = logits.float().softmax(-1)[..., 1:]  # (B, N, C-1)
+    above = scores > score_threshold
+    if pre_nms_top_k is not None and pre_nms_top_k < N:
+        # the best of each (image, class) among those above the threshold, so another object's
+        # many anchors above it never push a candidate out before NMS has merged them
+        scores, anchor = torch.where(above, scores, -1.0).topk(pre_nms_top_k, dim=1)
+        # back to anchor order: how topk lists equal scores is the runtime's choice (see below)
+        anchor, perm = anchor.sort(dim=1)
         scores = scores.gather(1, perm)
+        above = scores > score_threshold  # (B, K, C-1)
     else:
-        cand = torch.arange(scores.shape[1], device=scores.device).expand(B, -1)
-    anchor_idx = torch.div(cand, C - 1, rounding_mode="floor")
-    labels = cand % (C - 1) + 1
-    offsets = loc.float().gather(1, anchor_idx[..., None].expand(-1, -1, 4))
-    boxes = decode(offsets, anchors_cxcywh[anchor_idx], variances)  # (B, K, 4) cxcywh normalized
+        anchor = torch.arange(N, device=scores.device)[None, :, None].expand_as(scores)
+    anchor = anchor.reshape(B, -1)  # (B, M): slot m = k * (C-1) + class index
+    offsets = loc.float().gather(1, anchor[..., None].expand(-1, -1, 4))
+    boxes = decode(offsets, anchors_cxcywh[anchor], variances)  # (B, M, 4) cxcywh normalized
     boxes = box_convert(boxes, "cxcywh", "xyxy").clamp(0.0, 1.0)
     hw = orig_sizes.to(boxes)
     boxes = boxes * torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None]  # pixels
-
     # boxes entirely outside the image collapse to zero area under the clamp: not detections
     nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-    img, j = ((scores > score_threshold) & nonempty).nonzero(as_tuple=True)  # the one sync
+    img, slot = (above.reshape(B, -1) & nonempty).nonzero(as_tuple=True)  # the one sync
     # NMS visits boxes by score, and confident scores saturate to exactly 1.0: the order among
     # equal scores would be the NMS kernel's own. A stable sort fixes it to (score, image,
-    # candidate index) and NMS gets ranks as scores, so every runtime (torch, onnxruntime) keeps
+    # anchor, class) and NMS gets ranks as scores, so every runtime (torch, onnxruntime) keeps
     # the same boxes.
-    scores, order = scores[img, j].sort(descending=True, stable=True)
-    img, j = img[order], j[order]
-    boxes, labels = boxes[img, j], labels[img, j]
+    scores, order = scores.reshape(B, -1)[img, slot].sort(descending=True, stable=True)
+    img, slot = img[order], slot[order]
+    boxes, labels = boxes[img, slot], slot % (C - 1) + 1
     # One NMS over the batch: each (image, class) group is shifted to its own region of the plane
     # (boxes lie in [0, the largest image side], so steps of that side + 1 never overlap).
     # (batched_nms does this too, but above 100k coordinates on CUDA it switches to a per-group

@@ -95,6 +95,7 @@ class SSD(nn.Module):
         score_threshold: float = PREDICT_DEFAULTS["score_threshold"],
         nms_threshold: float = PREDICT_DEFAULTS["nms_threshold"],
         top_k: int = PREDICT_DEFAULTS["top_k"],
+        pre_nms_top_k: int | None = None,
     ) -> list[dict[str, Tensor]]:
         """images (B, 3, S, S) in [0, 1] -> per-image detections, boxes xyxy in the pixels of
         ``orig_sizes`` (B, 2) (h, w) - the original images' - or, when None, of ``images``
@@ -110,5 +111,12 @@ class SSD(nn.Module):
         finally:
             self.train(was_training)
         return postprocess(
-            loc, logits, self.anchors_cxcywh, orig_sizes, score_threshold, nms_threshold, top_k
+            loc,
+            logits,
+            self.anchors_cxcywh,
+            orig_sizes,
+            score_threshold,
+            nms_threshold,
+            top_k,
+            pre_nms_top_k,
         )

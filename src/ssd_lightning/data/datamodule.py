@@ -26,7 +26,12 @@ from ssd_lightning.data.download import URL, download_pennfudan
 from ssd_lightning.data.gpu.pixels import GpuAugmenter
 from ssd_lightning.data.gpu.plan import GpuPlanDataset, unplannable_steps
 from ssd_lightning.data.manifest import list_image_names, load_json, split_names, verify_dataset
-from ssd_lightning.data.presets import build_eval_transform, build_fallbacks, build_train_transform
+from ssd_lightning.data.presets import (
+    build_eval_transform,
+    build_fallbacks,
+    build_train_transform,
+    needs_masks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +221,12 @@ class PennFudanDataModule(L.LightningDataModule):
         fallbacks: list | None = None,
         train: bool = False,
     ) -> PennFudanDataset:
-        ds = PennFudanDataset(self.root, names, transform, fallbacks or [], skip_empty=train)
-        if self.preload:  # decode once here, so forked workers inherit the cache
+        # only the augmented training boxes are recomputed from the masks
+        masks = train and needs_masks(self.augmentation)
+        ds = PennFudanDataset(
+            self.root, names, transform, fallbacks or [], skip_empty=train, with_masks=masks
+        )
+        if self.preload:  # decode images and masks once here, so forked workers inherit them
             ds.preload()
         return ds
 

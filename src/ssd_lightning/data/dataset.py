@@ -3,9 +3,11 @@
 
 A sample is ``(image, target)``: ``image`` a ``tv_tensors.Image`` (uint8 (3,H,W) RGB without
 transforms), ``target`` a dict with ``boxes`` (``tv_tensors.BoundingBoxes`` XYXY, pixels of the
-returned image, ``canvas_size`` set), ``labels`` (G,) int64 (1 = pedestrian), optional ``masks``
-(``tv_tensors.Mask`` (G,H,W) bool), ``orig_size`` (2,) int64 (height, width) of the file,
-``name`` (file name) and ``fallback`` (0/1/2, see ``DetectionDataset.apply``).
+returned image, ``canvas_size`` set), ``labels`` (G,) int64 (1 = pedestrian), optional
+``mask_runs`` (``mask_runs.MaskRuns``: the instance masks, which the augmentation's ``TightBoxes``
+turns into boxes around what a crop left visible; a sample without them keeps the boxes the
+geometry gives), ``orig_size`` (2,) int64 (height, width) of the file, ``name`` (file name) and
+``fallback`` (0/1/2, see ``DetectionDataset.apply``).
 
 Pixel convention: ``masks_to_boxes`` returns the *inclusive* last pixel index as x2/y2; we add 1
 so boxes use continuous pixel edges (pixel i spans [i, i+1)): a one-pixel instance has width 1,
@@ -30,6 +32,7 @@ from torchvision.ops import masks_to_boxes
 
 from ssd_lightning.data.images import InputError, read_rgb
 from ssd_lightning.data.manifest import IMAGE_DIR, MASK_DIR, list_image_names, mask_name
+from ssd_lightning.data.mask_runs import MaskRuns, mask_runs
 
 PEDESTRIAN = 1
 CLASS_NAMES = ("background", "pedestrian")  # index = label
@@ -75,6 +78,14 @@ def _load_mask(path: Path) -> Tensor:
     return mask.long()
 
 
+def _instance_masks(path: Path) -> tuple[Tensor, Tensor]:
+    """(ids (G,) int64 ascending, masks (G, H, W) bool) of a mask file of instance ids."""
+    mask = _load_mask(path)
+    ids = torch.unique(mask)
+    ids = ids[ids > 0]
+    return ids, mask[None] == ids[:, None, None]
+
+
 def load_instances(path: str) -> tuple[Tensor, Tensor, tuple[int, int]]:
     """(boxes (G,4) float32 xyxy pixel edges, ids (G,) int64, (height, width) of the mask) of a
     mask file, cached per process."""
@@ -85,21 +96,25 @@ def load_instances(path: str) -> tuple[Tensor, Tensor, tuple[int, int]]:
 def _cached_instances(
     path: str, mtime_ns: int, size: int
 ) -> tuple[Tensor, Tensor, tuple[int, int]]:
-    mask = _load_mask(Path(path))
-    hw = (int(mask.shape[0]), int(mask.shape[1]))
-    ids = torch.unique(mask)
-    ids = ids[ids > 0]
+    ids, masks = _instance_masks(Path(path))
+    hw = (int(masks.shape[1]), int(masks.shape[2]))
     if len(ids) == 0:
-        return torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), hw
-    boxes = masks_to_boxes(mask[None] == ids[:, None, None])
+        return torch.zeros(0, 4), ids, hw
+    boxes = masks_to_boxes(masks)
     boxes[:, 2:] += 1  # inclusive last pixel -> exclusive edge
     return boxes, ids, hw
+
+
+@functools.cache
+def _cached_runs(path: str, mtime_ns: int, size: int) -> MaskRuns:
+    """The instances of a mask file as ``MaskRuns`` (in the order of ``load_instances``)."""
+    return mask_runs(_instance_masks(Path(path))[1])
 
 
 class DetectionDataset(Dataset):
     """Samples ``raw(index)`` run through ``transforms``, with the empty-box fallback.
 
-    transforms: callable ``(image, {"boxes", "labels"[, "masks"]}) -> (image, target)``.
+    transforms: callable ``(image, {"boxes", "labels"[, "mask_runs"]}) -> (image, target)``.
     fallbacks: tried in order when `transforms` leaves a sample that had boxes with none; the
         stage that produced the sample (1-based, 0 = none) is returned as ``target["fallback"]``.
     Subclasses set ``names`` and implement ``image`` and ``raw``.
@@ -120,9 +135,10 @@ class DetectionDataset(Dataset):
         raise NotImplementedError
 
     def preload(self) -> None:
-        """Decode every image now (e.g. in the main process before DataLoader workers fork)."""
+        """Read every raw sample now (e.g. in the main process before DataLoader workers fork, so
+        they inherit the decoded images and masks)."""
         for index in range(len(self)):
-            self.image(index)
+            self.raw(index)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -155,7 +171,8 @@ class PennFudanDataset(DetectionDataset):
     """Penn-Fudan samples for the given image file names (default: all under `root/PNGImages`).
 
     skip_empty: leave out (with a warning) images whose mask has no instance — for training.
-    with_masks: add the instance masks to the target.
+    with_masks: add the instance masks to the target (``mask_runs``), for augmentation presets
+        with ``tight_boxes``; evaluation, whose boxes are not augmented, needs none.
     """
 
     def __init__(
@@ -199,7 +216,8 @@ class PennFudanDataset(DetectionDataset):
         """The untransformed sample: uint8 image and boxes in original pixels."""
         name = self.names[index]
         img = self.image(index)
-        boxes, ids, mask_hw = self._instances(name)
+        key = _file_key(str(self.mask_path(name)))  # one stat for the boxes and the runs
+        boxes, _, mask_hw = _cached_instances(*key)
         h, w = img.shape[-2:]
         if mask_hw != (h, w):  # boxes from a mask of another size would be at the wrong scale
             raise DatasetReadError(
@@ -210,7 +228,6 @@ class PennFudanDataset(DetectionDataset):
             "boxes": tv_tensors.BoundingBoxes(boxes.clone(), format="XYXY", canvas_size=(h, w)),
             "labels": torch.full((len(boxes),), PEDESTRIAN, dtype=torch.int64),
         }
-        if self.with_masks:
-            mask = _load_mask(self.mask_path(name))
-            target["masks"] = tv_tensors.Mask(mask[None] == ids[:, None, None])
+        if self.with_masks:  # a copy, as for the boxes: the cache is shared by every draw
+            target["mask_runs"] = _cached_runs(*key).copy()
         return tv_tensors.Image(img), target

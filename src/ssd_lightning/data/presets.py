@@ -2,9 +2,11 @@
 pipelines.
 
 Every pipeline maps ``(Image uint8 (3,H,W), {"boxes": BoundingBoxes XYXY in input pixels,
-"labels": (G,) int64[, "masks"]})`` to ``(Image float32 (3,S,S) in [0,1], target)`` with boxes
-XYXY in network-input pixels [0,S]. Crops and photometric work run on uint8; the conversion to
-float is the last step. A preset of ``None`` means no augmentation (resize only).
+"labels": (G,) int64[, "mask_runs"]})`` to ``(Image float32 (3,S,S) in [0,1], target)`` with
+boxes XYXY in network-input pixels [0,S]. Crops and photometric work run on uint8; the conversion
+to float is the last step. A preset of ``None`` means no augmentation (resize only). A preset
+with ``tight_boxes`` recomputes the boxes from the instance masks (``needs_masks``: the dataset
+must then supply them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ssd_lightning.data.transforms import (
     BoundedRandomIoUCrop,
     ResizeKeepLargest,
     SafeBoxCenteredCrop,
+    TightBoxes,
 )
 
 
@@ -64,11 +67,17 @@ def build_crop(crop: Mapping, image_size: int = 300) -> list[v2.Transform]:
     raise ValueError(f"augmentation.crop.type must be one of {_CROP_TYPES}, got {kind!r}")
 
 
+def needs_masks(cfg: Mapping | None) -> bool:
+    """Whether the preset's pipeline recomputes boxes from instance masks (``tight_boxes``)."""
+    return bool(_plain(cfg).get("tight_boxes"))
+
+
 def build_train_transform(
     cfg: Mapping | None, image_size: int = 300, with_crop: bool = True
 ) -> v2.Compose:
-    """ToImage → PhotometricDistort → crop step → HorizontalFlip → Resize(S,S) → Sanitize → ToDtype
-    (PhotometricDistort right after Resize if `photometric_after_resize`, see the preset).
+    """ToImage → PhotometricDistort → crop step → TightBoxes → HorizontalFlip → Resize(S,S) →
+    Sanitize → ToDtype (PhotometricDistort right after Resize if `photometric_after_resize`, see
+    the preset; TightBoxes if `tight_boxes`).
 
     Sections that are null/0 in `cfg` are left out; `with_crop=False` is fallback stage 1.
     """
@@ -82,6 +91,8 @@ def build_train_transform(
         steps += photometric
     if with_crop and c.get("crop"):
         steps += build_crop(c["crop"], image_size)
+    if c.get("tight_boxes"):  # after the one step that cuts; flips and resizes move boxes exactly
+        steps.append(TightBoxes(image_size, **_kwargs(c["tight_boxes"])))
     if c.get("hflip_p", 0):
         steps.append(v2.RandomHorizontalFlip(p=float(c["hflip_p"])))
     steps.append(v2.Resize((image_size, image_size), antialias=c.get("antialias", True)))

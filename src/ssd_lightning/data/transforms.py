@@ -3,6 +3,7 @@ pipeline stages); ``presets`` puts them into pipelines.
 
 - ``SafeBoxCenteredCrop``: an object-centric crop that always keeps a chosen box
 - ``BoundedRandomIoUCrop``: torchvision's RandomIoUCrop with its retry loop bounded
+- ``TightBoxes``: boxes recomputed from the instance masks after the crop, slivers dropped
 - ``ResizeKeepLargest``: the last empty-box fallback stage (resize-only, largest box kept)
 
 Boxes are XYXY in pixels of the image they travel with (continuous pixel edges, see dataset.py).
@@ -11,6 +12,7 @@ Randomness comes from torch's global generator, so ``torch.manual_seed`` reprodu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -21,19 +23,30 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import get_bounding_boxes, query_size
 
+from ssd_lightning.data.mask_runs import visible_boxes
+
+ASPECT_OF = ("image", "box")  # what SafeBoxCenteredCrop's aspect bounds are relative to
+
 
 class SafeBoxCenteredCrop(v2.Transform):
     """Object-centric crop that keeps a chosen GT box (the original design's replacement for
     RandomIoUCrop, which spins or yields background-only crops on small, tall pedestrians).
 
-    Per attempt: pick a target box with weight ∝ area**area_power; crop size = s·(box w, box h)
-    with s ~ U(context), clipped to the image; position uniform among those containing the target
-    (or, for s < 1, inside it). Accept if crop area / image area ∈ [min_area_frac, max_area_frac],
-    crop w/h ∈ aspect, both sides ≥ min_crop_size and target visibility ≥ min_visibility. Other
-    boxes stay if their visibility (share inside the crop) ≥ keep_visibility; dropped boxes are set
-    to all-zero, so a later ``SanitizeBoundingBoxes`` removes them with their labels and masks.
-    All ``max_tries`` attempts are drawn in one batch and the first valid one is used (same result
-    as trying them in turn, bounded time); ``make_params`` reports it as ``tries``. No valid
+    Per attempt: pick a target box with weight ∝ area**area_power, and a crop aspect
+    c = a·r (width / height), a drawn log-uniformly in ``aspect`` and r the image's aspect
+    (``aspect_of="image"``: the crop has about the image's proportions, so after the square resize
+    objects keep the proportions they have in uncropped images, up to a) or the target box's
+    (``"box"``: the crop follows the target's shape; tall pedestrians then need a of 2-4 not to
+    come out square). The crop is s times the smallest crop of aspect c that holds the target,
+    s ~ U(context) but no larger than fits in the image - so a tall target is zoomed vertically
+    as well, where a crop clipped to the image height would always be full height - rounded and
+    clipped to the image; its position is uniform among those containing the target (or, for
+    s < 1, inside it). Accept if crop area / image area ∈ [min_area_frac, max_area_frac],
+    (crop w/h) / r ∈ aspect, both sides ≥ min_crop_size and target visibility ≥ min_visibility.
+    Other boxes stay if their visibility (share inside the crop) ≥ keep_visibility; dropped boxes
+    are set to all-zero, so a later ``SanitizeBoundingBoxes`` removes them with their labels and
+    masks. All ``max_tries`` attempts are drawn in one batch and the first valid one is used (same
+    result as trying them in turn, bounded time); ``make_params`` reports it as ``tries``. No valid
     attempt (or no boxes) -> the input is returned unchanged. Boxes are clipped to the crop.
     """
 
@@ -44,24 +57,32 @@ class SafeBoxCenteredCrop(v2.Transform):
         min_area_frac: float = 0.1,
         max_area_frac: float = 1.0,
         aspect: tuple[float, float] = (0.5, 2.0),
+        aspect_of: str = "image",
         min_visibility: float = 0.9,
         keep_visibility: float = 0.5,
         max_tries: int = 50,
         min_crop_size: int = 8,
     ) -> None:
         super().__init__()
+        key = "augmentation.crop.safe_box"
         if not (0 < context[0] <= context[1]):
-            raise ValueError(f"context must be 0 < low <= high, got {context}")
-        if not (0 <= min_area_frac <= max_area_frac) or not (0 < aspect[0] <= aspect[1]):
+            raise ValueError(f"{key}.context={list(context)}: allowed values are 0 < low <= high")
+        if not (0 <= min_area_frac <= max_area_frac):
             raise ValueError(
-                "need 0 <= min_area_frac <= max_area_frac and 0 < aspect[0] <= aspect[1]"
+                f"{key}.min_area_frac={min_area_frac}, max_area_frac={max_area_frac}: allowed "
+                "values are 0 <= min_area_frac <= max_area_frac"
             )
+        if not (0 < aspect[0] <= aspect[1]):
+            raise ValueError(f"{key}.aspect={list(aspect)}: allowed values are 0 < low <= high")
+        if aspect_of not in ASPECT_OF:
+            raise ValueError(f"{key}.aspect_of={aspect_of!r}: allowed values are {ASPECT_OF}")
         if max_tries < 1:
-            raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+            raise ValueError(f"{key}.max_tries={max_tries}: allowed values are integers >= 1")
         self.area_power = float(area_power)
         self.context = (float(context[0]), float(context[1]))
         self.min_area_frac, self.max_area_frac = float(min_area_frac), float(max_area_frac)
         self.aspect = (float(aspect[0]), float(aspect[1]))
+        self.aspect_of = aspect_of
         self.min_visibility, self.keep_visibility = float(min_visibility), float(keep_visibility)
         self.max_tries, self.min_crop_size = int(max_tries), int(min_crop_size)
 
@@ -84,11 +105,17 @@ class SafeBoxCenteredCrop(v2.Transform):
         if not torch.isfinite(weights).all() or weights.sum() <= 0:
             weights = torch.ones(g)
         idx = torch.multinomial(weights, t, replacement=True)  # (T,) target per attempt
-        u = torch.rand(t, 3)
-        s = self.context[0] + (self.context[1] - self.context[0]) * u[:, 0]
+        u = torch.rand(t, 4)  # context, x position, y position, aspect
         tb = boxes[idx]  # (T,4)
-        cw = (s * bw[idx]).round().clamp(1, w)
-        ch = (s * bh[idx]).round().clamp(1, h)
+        tw, th = bw[idx].clamp(min=1), bh[idx].clamp(min=1)  # target size, >= 1 px for sizing
+        ref = torch.full((t,), w / h) if self.aspect_of == "image" else tw / th  # (T,)
+        lo, hi = math.log(self.aspect[0]), math.log(self.aspect[1])
+        c = ref * torch.exp(lo + (hi - lo) * u[:, 3])  # (T,) crop width / height
+        h0 = torch.maximum(th, tw / c)  # the smallest crop of aspect c holding the target
+        s_max = torch.minimum(h / h0, w / (c * h0)).clamp(*self.context)  # largest s that fits
+        s = self.context[0] + (s_max - self.context[0]) * u[:, 0]
+        ch = (s * h0).round().clamp(1, h)
+        cw = (s * c * h0).round().clamp(1, w)
 
         def position(b1: Tensor, b2: Tensor, size: Tensor, limit: int, r: Tensor):
             # crop start so the crop contains the target (or lies inside it when smaller)
@@ -111,7 +138,7 @@ class SafeBoxCenteredCrop(v2.Transform):
         vis = (iw * ih) / area.clamp(min=1e-12)  # (T,G) share of each box inside each crop
         vis = torch.where(area > 0, vis, torch.zeros_like(vis))
         frac = cw * ch / (h * w)
-        ar = cw / ch
+        ar = cw / ch / ref  # relative to the image's or the target's aspect
         valid = (
             okx
             & oky
@@ -198,6 +225,64 @@ class BoundedRandomIoUCrop(v2.RandomIoUCrop):
         return {}
 
 
+class TightBoxes:
+    """Pipeline stage right after the crop step: each box becomes the box around what is still
+    visible of its instance mask (``target["mask_runs"]``, moved by the steps before this one),
+    so a pedestrian a crop cuts is boxed where it is seen, not across the background its clipped
+    box spans; the flips and the resize after it move the tight boxes exactly. An instance is
+    dropped (box zeroed, ``SanitizeBoundingBoxes`` removes it with its label) when less than
+    ``min_visible`` of its mask stays in view, when less than ``min_pixels`` of mask area would
+    reach the network input (the canvas resized to ``image_size`` x ``image_size``), or when an
+    earlier step dropped its box. The runs leave the target here; a sample without them (boxes
+    only) passes unchanged."""
+
+    def __init__(
+        self, image_size: int = 300, min_visible: float = 0.0, min_pixels: float = 1.0
+    ) -> None:
+        checks = (
+            ("min_visible", min_visible, 1.0, "a number in [0, 1]"),
+            ("min_pixels", min_pixels, math.inf, "a number >= 0"),
+        )
+        for key, value, top, allowed in checks:
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and 0 <= value <= top):
+                raise ValueError(
+                    f"augmentation.tight_boxes.{key}={value!r}: allowed values are {allowed}"
+                )
+        self.image_size = int(image_size)
+        self.min_visible, self.min_pixels = float(min_visible), float(min_pixels)
+
+    def __repr__(self) -> str:
+        return (
+            f"TightBoxes(image_size={self.image_size}, min_visible={self.min_visible}, "
+            f"min_pixels={self.min_pixels})"
+        )
+
+    def __call__(self, image: Any, target: dict) -> tuple[Any, dict]:
+        runs = target.get("mask_runs")
+        if runs is None:
+            return image, target
+        boxes = target["boxes"]  # BoundingBoxes (G, 4) XYXY, the project's format
+        old = boxes.as_subclass(Tensor)  # plain tensors: no per-op tv_tensor dispatch
+        if runs.as_subclass(Tensor).shape[0] != old.shape[0]:
+            raise ValueError(
+                f"TightBoxes: instance masks for {runs.shape[0]} boxes, not {old.shape[0]}; a "
+                "step before it removed boxes without their masks (put SanitizeBoundingBoxes "
+                "after TightBoxes)"
+            )
+        tight, area = visible_boxes(runs)  # (G, 4) xyxy, (G,) in canvas pixels
+        h, w = runs.canvas_size
+        keep = (
+            (old[:, 2:] > old[:, :2]).all(1)  # not dropped by an earlier step
+            & (area > 0)
+            & (area >= self.min_visible * runs.area)
+            & (area >= self.min_pixels * (h * w) / self.image_size**2)  # in canvas pixels
+        )
+        new = {k: v for k, v in target.items() if k != "mask_runs"}
+        new["boxes"] = tv_tensors.wrap(torch.where(keep[:, None], tight, 0.0), like=boxes)
+        return image, new
+
+
 class ResizeKeepLargest:
     """Fallback stage 2: the resize-only path keeping only the largest original box, widened to
     at least 1 px after the resize so the sample is never empty. Output as the train pipeline."""
@@ -223,7 +308,9 @@ class ResizeKeepLargest:
             small = (b[:, hi] - b[:, lo]) < 1
             b[:, lo] = torch.where(small, c - 0.5, b[:, lo])
             b[:, hi] = torch.where(small, c + 0.5, b[:, hi])
-        new = {k2: v for k2, v in target.items() if k2 not in ("boxes", "labels", "masks")}
+        # the whole largest box is kept, so it is already tight: the mask runs are not needed
+        drop = ("boxes", "labels", "masks", "mask_runs")
+        new = {k2: v for k2, v in target.items() if k2 not in drop}
         new["boxes"] = tv_tensors.BoundingBoxes(b, format="XYXY", canvas_size=self.size)
         new["labels"] = target["labels"][k : k + 1]
         if "masks" in target:

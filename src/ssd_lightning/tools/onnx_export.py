@@ -37,7 +37,6 @@ from ssd_lightning.config.errors import ConfigError, ExportCheckError
 from ssd_lightning.config.extras import require
 from ssd_lightning.core.box_coding import VARIANCES
 from ssd_lightning.core.postprocess import (
-    PRE_NMS_TOP_K,
     check_thresholds,
     postprocess,
     select_detections,
@@ -78,26 +77,38 @@ class Network(nn.Module):
 class Postprocess(nn.Module):
     """The post-processing: ``select_detections`` with the anchors and thresholds fixed."""
 
-    def __init__(self, net: SSD, score_threshold: float, nms_threshold: float, top_k: int):
+    def __init__(
+        self,
+        net: SSD,
+        score_threshold: float,
+        nms_threshold: float,
+        top_k: int,
+        pre_nms_top_k: int | None = None,
+    ):
         super().__init__()
         self.register_buffer("anchors_cxcywh", net.anchors_cxcywh.clone(), persistent=False)
-        self.thresholds = (score_threshold, nms_threshold, top_k)
+        self.thresholds = (score_threshold, nms_threshold, top_k, pre_nms_top_k)
 
     def forward(
         self, loc: Tensor, logits: Tensor, orig_sizes: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return select_detections(
-            loc, logits, self.anchors_cxcywh, orig_sizes, *self.thresholds, PRE_NMS_TOP_K
-        )
+        return select_detections(loc, logits, self.anchors_cxcywh, orig_sizes, *self.thresholds)
 
 
 class Detector(nn.Module):
     """The detector: the network, then its post-processing (what ``SSD.detect`` runs)."""
 
-    def __init__(self, net: SSD, score_threshold: float, nms_threshold: float, top_k: int):
+    def __init__(
+        self,
+        net: SSD,
+        score_threshold: float,
+        nms_threshold: float,
+        top_k: int,
+        pre_nms_top_k: int | None = None,
+    ):
         super().__init__()
         self.network = Network(net)
-        self.postprocess = Postprocess(net, score_threshold, nms_threshold, top_k)
+        self.postprocess = Postprocess(net, score_threshold, nms_threshold, top_k, pre_nms_top_k)
 
     def forward(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         loc, logits, _ = self.network(images)
@@ -113,7 +124,6 @@ def describe(net: SSD, info: Mapping[str, Any], thresholds: Mapping[str, Any]) -
         "input": "RGB, resized to image_size x image_size, float32 in [0, 1], NCHW",
         "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "in_graph": True},
         "thresholds": dict(thresholds),
-        "pre_nms_top_k": PRE_NMS_TOP_K,
         "class_names": names[:num_classes] + [str(i) for i in range(len(names), num_classes)],
         "num_classes": num_classes,
         "num_anchors": int(net.num_anchors),
@@ -218,6 +228,7 @@ def export_onnx(
     images = torch.rand(2, 3, s, s)  # batch 2: a batch of 1 would be specialized to 1
     sizes = torch.tensor([[s, s], [2 * s, s]])
     fixed = [thresholds[k] for k in ("score_threshold", "nms_threshold", "top_k")]
+    fixed.append(thresholds.get("pre_nms_top_k"))  # None (no cap) at the predict settings
     detections = ("boxes", "scores", "labels", "image_index")
     with torch.no_grad():
         loc, logits = net(images)

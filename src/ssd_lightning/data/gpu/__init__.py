@@ -7,9 +7,10 @@ moves only the pixels, in three stages, one module each:
 1. ``record``: ``ImageMeta``, a pixel-less ``tv_tensors.Image`` whose kernels (registered with
    ``torchvision.transforms.v2.functional.register_kernel``) only *record* the pixel operations
    they are asked for (crop, resized_crop, horizontal_flip, resize, the photometric adjustments,
-   to_dtype). Every ``make_params``, every box operation, ``SanitizeBoundingBoxes`` and the
-   dataset's empty-box fallback run unchanged, in the same order, on torch's global generator -
-   so for the same seed the boxes are *identical* to the CPU path's.
+   to_dtype). Every ``make_params``, every box operation, the instance masks' row runs behind
+   the tight boxes (``data.mask_runs``), ``SanitizeBoundingBoxes`` and the dataset's empty-box
+   fallback run unchanged, in the same order, on torch's global generator - so for the same seed
+   the boxes are *identical* to the CPU path's.
 2. ``plan``: the record compiled into a ``PixelPlan`` (source rectangle, flip, photometric factors
    in RandomPhotometricDistort's fixed order) by ``GpuPlanDataset``, the dataset the DataLoader's
    CPU workers run; ``data.batch.plan_collate`` stacks plans into a ``PlanBatch``.

@@ -16,6 +16,7 @@ from ssd_lightning.data.transforms import (
     BoundedRandomIoUCrop,
     ResizeKeepLargest,
     SafeBoxCenteredCrop,
+    TightBoxes,
 )
 
 # Steps whose pixel work the recording kernels cover (the rest of a pipeline only moves boxes).
@@ -31,6 +32,7 @@ _PLANNABLE = (
     SafeBoxCenteredCrop,
     BoundedRandomIoUCrop,
     ResizeKeepLargest,
+    TightBoxes,
 )
 _CONTAINERS = (v2.Compose, v2.RandomChoice, v2.RandomApply, v2.RandomOrder)
 

@@ -91,14 +91,16 @@ def format_table(result: dict) -> str:
         lines.append(f"  (4 onnxruntime: {result['onnxruntime']})")
     d = result.get("data")
     if d:
-        lines.append(
-            f"5 data, CPU pipeline (safe_crop)    "
-            f"{f(d['cpu_pipeline']['img_per_s_per_worker'])} img/s per worker"
-        )
-        lines.append(
-            f"5 data, GPU path CPU side          "
-            f"{f(d['gpu_path_cpu_side']['img_per_s_per_worker'])} img/s per worker"
-        )
+        bare = d.get("without_masks", {})
+        for label, key in (
+            ("CPU pipeline", "cpu_pipeline"),
+            ("GPU path CPU side", "gpu_path_cpu_side"),
+        ):
+            rate = d[key]["img_per_s_per_worker"]
+            line = f"5 data, {label:26s}{f(rate)} img/s per worker ({d['augmentation']})"
+            if key in bare:  # the same preset without tight boxes: what the masks cost
+                line += f", {f(bare[key]['img_per_s_per_worker'], '.1f')} without masks"
+            lines.append(line)
         for bs, r in d["gpu_path_pixels"].items():
             lines.append(
                 f"5 data, GPU path pixels bs {bs:<6s}  {f(r['img_per_s'])} img/s on {m['device']}"

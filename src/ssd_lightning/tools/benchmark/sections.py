@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from ssd_lightning.data.batch import plan_collate
 from ssd_lightning.data.dataset import PennFudanDataset
 from ssd_lightning.data.gpu.pixels import GpuAugmenter
 from ssd_lightning.data.gpu.plan import GpuPlanDataset
-from ssd_lightning.data.presets import build_fallbacks, build_train_transform
+from ssd_lightning.data.presets import build_fallbacks, build_train_transform, needs_masks
 from ssd_lightning.tools.benchmark.options import Options
 from ssd_lightning.tools.benchmark.steps import (
     autocast,
@@ -179,31 +180,54 @@ def _threads(n: int):
         torch.set_num_threads(old)
 
 
+def _train_set(preset: dict, image_size: int) -> PennFudanDataset:
+    ds = PennFudanDataset(
+        data_dir() / "PennFudanPed",
+        transforms=build_train_transform(preset, image_size),
+        fallbacks=build_fallbacks(preset, image_size),
+        skip_empty=True,
+        with_masks=needs_masks(preset),
+    )
+    ds.preload()
+    return ds
+
+
 def bench_data(opts: Options, device: torch.device, log: Callable) -> dict:
-    """Per-worker (one thread) throughput of the CPU pipeline and of the GPU path's CPU side;
-    the GPU path's pixel work per batch on ``device``."""
+    """Per-worker (one thread) throughput of the CPU pipeline and of the GPU path's CPU side - for
+    a preset with ``tight_boxes`` also without them (``without_masks``: what the masks cost), the
+    runs interleaved, median of ``repeats``; the GPU path's pixel work per batch on ``device``."""
     s, n = opts.image_size, opts.data_samples
     preset = load_option("augmentation", opts.augmentation)
-    cpu = PennFudanDataset(
-        data_dir() / "PennFudanPed",
-        transforms=build_train_transform(preset, s),
-        fallbacks=build_fallbacks(preset, s),
-        skip_empty=True,
-    )
-    cpu.preload()
-    plan = GpuPlanDataset(cpu)
-    res: dict[str, Any] = {"augmentation": opts.augmentation, "images": len(cpu)}
+    variants = {"": _train_set(preset, s)}
+    if needs_masks(preset):
+        variants["without_masks"] = _train_set({**preset, "tight_boxes": None}, s)
+    runs = {
+        (variant, key): ds
+        for variant, cpu in variants.items()
+        for key, ds in (("cpu_pipeline", cpu), ("gpu_path_cpu_side", GpuPlanDataset(cpu)))
+    }
+    seconds: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
     with _threads(1):
-        for key, ds in (("cpu_pipeline", cpu), ("gpu_path_cpu_side", plan)):
-            torch.manual_seed(opts.seed)
-            for i in range(min(10, n)):  # warm the decode cache and the code paths
+        for ds in runs.values():
+            for i in range(min(10, n)):  # warm the code paths
                 ds[i % len(ds)]
-            t0 = time.perf_counter()
-            for i in range(n):
-                ds[i % len(ds)]
-            dt = time.perf_counter() - t0
-            res[key] = {"img_per_s_per_worker": n / dt, "samples": n}
-            log(f"  data {key:20s} {n / dt:9.1f} img/s per worker")
+        for _ in range(opts.repeats):  # interleaved, so drifting load hits every run alike
+            for k, ds in runs.items():
+                torch.manual_seed(opts.seed)
+                t0 = time.perf_counter()
+                for i in range(n):
+                    ds[i % len(ds)]
+                seconds[k].append(time.perf_counter() - t0)
+    res: dict[str, Any] = {"augmentation": opts.augmentation, "images": len(variants[""])}
+    for (variant, key), times in seconds.items():
+        rate = n / statistics.median(times)
+        (res.setdefault(variant, {}) if variant else res)[key] = {
+            "img_per_s_per_worker": rate,
+            "samples": n,
+        }
+        log(f"  data {key:20s} {variant:14s}{rate:9.1f} img/s per worker")
+    cpu = variants[""]
+    plan = GpuPlanDataset(cpu)
     aug = GpuAugmenter(cpu)
     res["gpu_path_pixels"] = {}
     for bs in opts.batch_sizes:

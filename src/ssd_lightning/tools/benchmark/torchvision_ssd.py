@@ -65,7 +65,7 @@ def build_torchvision_ssd(net: SSD) -> nn.Module:
         nms_thresh=PREDICT_DEFAULTS["nms_threshold"],
         detections_per_img=PREDICT_DEFAULTS["top_k"],
         iou_thresh=0.5,
-        topk_candidates=400,
+        topk_candidates=net.num_anchors,  # no cap before NMS, as ours at the predict settings
         positive_fraction=0.2,  # 4:1 negatives, as ours
     ).to(net.anchors_xyxy.device)
 
