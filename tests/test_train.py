@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -155,11 +156,11 @@ class _NaNLoss(MultiBoxLoss):
         return out
 
 
-def _synthetic_loader(n: int = 4) -> DataLoader:
+def _synthetic_batches(n: int = 4) -> list:
     from ssd_lightning.data.batch import Batch
 
     g = torch.Generator().manual_seed(0)
-    batches = [
+    return [
         Batch(
             images=torch.rand(2, 3, 64, 64, generator=g),
             boxes=torch.tensor([[[10.0, 4.0, 30.0, 60.0]], [[30.0, 10.0, 50.0, 50.0]]]),
@@ -171,7 +172,10 @@ def _synthetic_loader(n: int = 4) -> DataLoader:
         )
         for _ in range(n)
     ]
-    return DataLoader(batches, batch_size=None)
+
+
+def _synthetic_loader(n: int = 4) -> DataLoader:
+    return DataLoader(_synthetic_batches(n), batch_size=None)
 
 
 def _fit_with_nan(nan_calls: set[int], max_nonfinite_steps: int = 10, fused: bool = True):
@@ -208,19 +212,40 @@ def _fit_with_nan(nan_calls: set[int], max_nonfinite_steps: int = 10, fused: boo
     return module, before, trainer
 
 
+def _assert_same_state(net: SSD, expected: dict) -> None:
+    state = net.state_dict()
+    assert state.keys() == expected.keys()
+    for k, v in state.items():  # parameters and buffers (BatchNorm statistics and counters)
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=0, msg=k)
+
+
+def _nan_images(batch):
+    return dataclasses.replace(batch, images=torch.full_like(batch.images, float("nan")))
+
+
+@pytest.mark.parametrize("where", ["loss", "forward"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-no-sync", "sync"])
-def test_nonfinite_loss_skips_the_update(fused: bool) -> None:
-    module, before, trainer = _fit_with_nan({0, 1, 2, 3}, fused=fused)
-    module.net.eval()  # BatchNorm running stats move in the forward pass; weights must not
-    trainer.fit(module, train_dataloaders=_synthetic_loader())
-    assert module.nonfinite_total == 4
-    for k, v in module.net.state_dict().items():
-        if "running_" not in k and "num_batches" not in k:
-            torch.testing.assert_close(v, before[k], msg=k)
-    module, before, trainer = _fit_with_nan({1}, fused=fused)
-    trainer.fit(module, train_dataloaders=_synthetic_loader())
-    assert module.nonfinite_total == 1 and int(module._nonfinite_streak) == 0
-    assert any(not torch.equal(v, before[k]) for k, v in module.net.state_dict().items())
+def test_a_skipped_step_leaves_no_trace(fused: bool, where: str) -> None:
+    """A non-finite step (a NaN loss; or NaN activations, which reach BatchNorm's running
+    statistics in the forward, before the step is judged) changes no parameter and no buffer:
+    the run ends exactly as if the bad batch had not been there."""
+    good = _synthetic_batches(4)
+
+    def fit(bad_steps: set[int], batches: list):
+        if where == "forward":
+            batches = [_nan_images(b) if i in bad_steps else b for i, b in enumerate(batches)]
+        module, before, trainer = _fit_with_nan(
+            bad_steps if where == "loss" else set(), fused=fused
+        )
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+        assert module.nonfinite_total == len(bad_steps)
+        return module, before
+
+    module, _ = fit({1}, good)
+    reference, _ = fit(set(), good[:1] + good[2:])
+    _assert_same_state(module.net, reference.net.state_dict())
+    module, before = fit({0, 1, 2, 3}, good)  # every step bad: the initial network
+    _assert_same_state(module.net, before)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-no-sync", "sync"])
