@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torchmetrics.detection import MeanAveragePrecision
 
+from ssd_lightning.config.errors import RunFailed
 from ssd_lightning.core.loss import MultiBoxLoss
 from ssd_lightning.core.postprocess import (
     EVALUATE_DEFAULTS,
@@ -47,8 +48,12 @@ def map_backend() -> str:
     return "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailed):
     """The loss stayed NaN/inf for too many consecutive steps."""
+
+
+class NonFiniteWeightsError(RunFailed):
+    """A fit ended with NaN/inf in the network's weights or buffers."""
 
 
 class SSDLitModule(L.LightningModule):
