@@ -97,10 +97,14 @@ def test_a_stopped_run_resumes_exactly(
 
 
 def test_resume_in_place_continues_exactly(tiny_run: dict, tmp_path: Path) -> None:
-    """One epoch, then resume=<run dir> for the second: what the 2-epoch tiny run computed."""
+    """One epoch, then resume=<run dir> for the second: what the 2-epoch tiny run computed (with
+    two workers here, none there: workers draw a resumed epoch's indices as soon as Lightning
+    makes the loader's iterator)."""
     run = tmp_path / "run"
-    train(make_cfg(tiny(trainer__max_epochs=1), run))
-    metrics = train(make_cfg(tiny(f"resume={run}", trainer__max_epochs=2), run))
+    train(make_cfg(tiny(trainer__max_epochs=1, data__num_workers=2), run))
+    metrics = train(
+        make_cfg(tiny(f"resume={run}", trainer__max_epochs=2, data__num_workers=2), run)
+    )
     straight = tiny_run["metrics"]
     assert metrics["global_step"] == straight["global_step"] == 4
     for k in ("train/loss", "train/num_pos", "val/loss"):

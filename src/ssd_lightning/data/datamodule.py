@@ -279,6 +279,11 @@ class PennFudanDataModule(L.LightningDataModule):
         if train and self.seed is not None:
             world = trainer.world_size if trainer is not None else 1
             sampler = EpochSeededSampler(len(ds), self.seed, num_replicas=world, rank=rank)
+            if trainer is not None:
+                # Lightning makes the fit's first iterator before its first set_epoch, and with
+                # workers the indices are drawn right then: start at the epoch it will train
+                # (a resumed run's, not 0)
+                sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
             if self._resume_position is not None:
                 sampler.resume_at(*self._resume_position)
                 self._resume_position = None
