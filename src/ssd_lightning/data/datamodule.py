@@ -70,20 +70,19 @@ class EpochSeededSampler(DistributedSampler):
         """Skip the first ``samples_done`` samples of this rank's share when ``epoch`` comes."""
         self._resume = (epoch, samples_done)
 
-    def sample_seeds(self) -> list[int]:
-        """The augmentation seed of every dataset index in this epoch (63 bits each)."""
-        words = np.random.SeedSequence([self.seed, self.epoch]).generate_state(
-            len(self.dataset), np.uint64
-        )
-        return [int(w) >> 1 for w in words]
-
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = list(super().__iter__())  # this rank's share of the epoch's order
+        size = len(self.dataset)
+        # one well-mixed stream per (seed, epoch): a seed per image, then the order's seed
+        words = np.random.SeedSequence([self.seed, self.epoch]).generate_state(size + 1, np.uint64)
+        seeds = [int(w) >> 1 for w in words]  # 63 bits: any torch / Python seed
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seeds[size]))
+        order = order.tolist()
+        order += order[: self.total_size - size]  # every rank gets as many (as DistributedSampler)
+        mine = order[self.rank : self.total_size : self.num_replicas]
         start = 0
         if self._resume is not None and self._resume[0] == self.epoch:
             start, self._resume = self._resume[1], None
-        seeds = self.sample_seeds()
-        return iter([(i, seeds[i]) for i in indices[start:]])
+        return iter([(i, seeds[i]) for i in mine[start:]])
 
 
 class SeededSamples(Dataset):
