@@ -208,3 +208,17 @@ def test_a_run_ending_with_nonfinite_weights_fails(tmp_path: Path) -> None:
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
     assert read_job_status(run)["status"] == "FAILED"
     assert not (run / BEST).exists()
+
+
+def test_summarize_marks_interrupted_jobs(tmp_path: Path) -> None:
+    from ssd_lightning.config.job_status import write_job_status
+    from ssd_lightning.tools.summarize import INTERRUPTED, OK, find_jobs, sort_jobs
+
+    for job, status, value in (("0", "INTERRUPTED", 0.9), ("1", "COMPLETED", 0.5)):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        (tmp_path / job / "metrics.json").write_text(json.dumps({"val/map_50": value}))
+        write_job_status(tmp_path / job, status, "SIGTERM at epoch 3, step 30; continue ...")
+    jobs = sort_jobs(find_jobs(tmp_path), "val/map_50")
+    assert [(j.name, j.status) for j in jobs] == [("1", OK), ("0", INTERRUPTED)]
+    assert jobs[1].note.startswith("SIGTERM at epoch 3")
