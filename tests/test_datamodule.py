@@ -241,14 +241,39 @@ def test_split_null_evaluates_every_image_of_another_root(tmp_path: Path) -> Non
 def test_resumed_epochs_continue_the_data_stream() -> None:
     from ssd_lightning.data.datamodule import EpochSeededSampler
 
-    def epoch_state(sampler: EpochSeededSampler, epoch: int):
-        sampler.set_epoch(epoch)
-        worker_seed = torch.empty((), dtype=torch.int64).random_(generator=sampler.generator)
-        return list(sampler), int(worker_seed)
+    def epoch(sampler: EpochSeededSampler, e: int) -> list[tuple[int, int]]:
+        sampler.set_epoch(e)
+        return list(sampler)  # (index, augmentation seed) pairs
 
-    run = EpochSeededSampler(120, 7, torch.Generator())
-    history = [epoch_state(run, e) for e in range(3)]
-    resumed = EpochSeededSampler(120, 7, torch.Generator())  # a fresh process after epoch 1
-    assert epoch_state(resumed, 2) == history[2]
+    run = EpochSeededSampler(120, 7)
+    history = [epoch(run, e) for e in range(4)]
+    resumed = EpochSeededSampler(120, 7)  # a fresh process after epoch 1
+    assert epoch(resumed, 2) == history[2]
     assert history[0] != history[1] != history[2]
-    assert sorted(history[1][0]) == list(range(120))
+    assert sorted(i for i, _ in history[1]) == list(range(120))
+    stopped = EpochSeededSampler(120, 7)  # stopped after 40 samples of epoch 2
+    stopped.resume_at(2, 40)
+    assert epoch(stopped, 2) == history[2][40:]
+    assert epoch(stopped, 3) == history[3]  # the skip applies to that epoch only
+    # DDP: the ranks share one epoch order, each sample exactly once, with the same seeds
+    shares = [epoch(EpochSeededSampler(120, 7, num_replicas=2, rank=r), 1) for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(history[1])
+
+
+def test_training_batches_do_not_depend_on_the_workers() -> None:
+    """Every sample's augmentation is seeded from (seed, epoch, index): the same batches with no
+    worker (the main process augments) and with two."""
+    batches = {}
+    for workers in (0, 2):
+        m = PennFudanDataModule(
+            batch_size=2, num_workers=workers, seed=3, augmentation=SAFE_CROP, preload=False
+        )
+        m.setup("fit")
+        loader = m.train_dataloader()
+        loader.sampler.set_epoch(1)
+        it = iter(loader)
+        batches[workers] = [next(it) for _ in range(3)]
+    for a, b in zip(batches[0], batches[2], strict=True):
+        assert a.names == b.names
+        torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+        torch.testing.assert_close(a.boxes, b.boxes, rtol=0, atol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -56,17 +57,16 @@ def test_fast_dev_run_default_model(tmp_path: Path) -> None:
 def test_run_dir_contents(tiny_run: dict) -> None:
     run: Path = tiny_run["dir"]
     assert (run / "config_resolved.yaml").is_file()
-    assert (run / "checkpoints" / "last.ckpt").is_file()
-    best = list((run / "checkpoints").glob("best-*.ckpt"))
-    assert len(best) == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["global_step"] == 4 and saved["best_monitor"] == "val/map_50"
+    assert saved["status"] == "completed"
     _finite(saved, "train/loss", "val/loss", "val/map", "val/map_50", "val/map_75", "val/mar_100")
-    # the exported model loads without Lightning and equals the best checkpoint's network
-    net, _ = load_model(run / "ssd_resnet34_pennfudan_best.pt")
-    state = torch.load(best[0], map_location="cpu", weights_only=True)["state_dict"]
-    for k, v in net.state_dict().items():
-        torch.testing.assert_close(v, state[f"net.{k}"])
+    # the exported best model loads without Lightning and records where it comes from
+    best = run / "ssd_resnet34_pennfudan_best.pt"
+    assert saved["best_model_path"] == str(best)
+    net, info = load_model(best)
+    assert info["epoch"] == saved["best_epoch"] and info["monitor"] == "val/map_50"
     assert net.image_size == 128 and net.config["anchors"]["name"] == "tall_skinny"
 
 
@@ -113,6 +113,7 @@ def test_tensorboard_events(tiny_run: dict) -> None:
 
 
 def test_resume_continues_exactly(tiny_run: dict, tmp_path: Path) -> None:
+    """ckpt_path=: resume from another run's checkpoint into a new run dir."""
     last = tiny_run["dir"] / "checkpoints" / "last.ckpt"
     before = torch.load(last, map_location="cpu", weights_only=True)
     assert before["global_step"] == 4
@@ -127,10 +128,23 @@ def test_resume_continues_exactly(tiny_run: dict, tmp_path: Path) -> None:
     # Adam's step counter continued from the checkpoint (optimizer state restored, not fresh)
     adam_state = next(iter(after["optimizer_states"][0]["state"].values()))
     assert int(adam_state["step"]) == 6
+    # the best so far came along: the new run dir has the best of all 3 epochs
+    best = tmp_path / "resumed" / "ssd_resnet34_pennfudan_best.pt"
+    assert metrics["best_model_path"] == str(best)
+    _, info = load_model(best)
+    assert info["epoch"] == metrics["best_epoch"] <= 2
 
 
 def test_no_validation_split_uses_train_loss(tmp_path: Path) -> None:
-    cfg = make_cfg(tiny("data.val_size=0", trainer__limit_train_batches=1), tmp_path / "run")
+    best_state = tmp_path / "run" / "checkpoints" / "best.ckpt"  # the full state kept too
+    cfg = make_cfg(
+        tiny(
+            "data.val_size=0",
+            f"callbacks.model_checkpoint.checkpoint={best_state}",
+            trainer__limit_train_batches=1,
+        ),
+        tmp_path / "run",
+    )
     assert cfg.callbacks.model_checkpoint.monitor == "train/loss"
     assert cfg.callbacks.model_checkpoint.mode == "min"
     metrics = train(cfg)
@@ -138,6 +152,33 @@ def test_no_validation_split_uses_train_loss(tmp_path: Path) -> None:
     assert Path(metrics["best_model_path"]).is_file()
     assert "val/map_50" not in metrics
     assert (tmp_path / "run" / "ssd_resnet34_pennfudan_best.pt").is_file()
+    full = torch.load(best_state, map_location="cpu", weights_only=True)
+    assert full["optimizer_states"] and full["epoch"] == metrics["best_epoch"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "steps"),
+    [
+        pytest.param({"data__batch_size": 1}, 2, id="batch-size-1"),
+        # 121 training images at batch 40: the epoch ends with a batch of one image
+        pytest.param(
+            {
+                "data__batch_size": 40,
+                "data__val_size": 49,
+                "trainer__limit_train_batches": "null",
+                "model__net__image_size": 64,
+            },
+            4,
+            id="last-batch-of-one",
+        ),
+    ],
+)
+def test_any_batch_size_trains(tmp_path: Path, changes: dict, steps: int) -> None:
+    """A batch of one image reaches the 1x1 maps of the extra blocks, where BatchNorm has a
+    single value per channel."""
+    metrics = train(make_cfg(tiny("logger=none", **changes), tmp_path / "run"))
+    assert metrics["global_step"] == steps and metrics["status"] == "completed"
+    _finite(metrics, "train/loss", "val/loss")
 
 
 class _NaNLoss(MultiBoxLoss):
@@ -155,11 +196,11 @@ class _NaNLoss(MultiBoxLoss):
         return out
 
 
-def _synthetic_loader(n: int = 4) -> DataLoader:
+def _synthetic_batches(n: int = 4) -> list:
     from ssd_lightning.data.batch import Batch
 
     g = torch.Generator().manual_seed(0)
-    batches = [
+    return [
         Batch(
             images=torch.rand(2, 3, 64, 64, generator=g),
             boxes=torch.tensor([[[10.0, 4.0, 30.0, 60.0]], [[30.0, 10.0, 50.0, 50.0]]]),
@@ -171,7 +212,10 @@ def _synthetic_loader(n: int = 4) -> DataLoader:
         )
         for _ in range(n)
     ]
-    return DataLoader(batches, batch_size=None)
+
+
+def _synthetic_loader(n: int = 4) -> DataLoader:
+    return DataLoader(_synthetic_batches(n), batch_size=None)
 
 
 def _fit_with_nan(nan_calls: set[int], max_nonfinite_steps: int = 10, fused: bool = True):
@@ -208,19 +252,40 @@ def _fit_with_nan(nan_calls: set[int], max_nonfinite_steps: int = 10, fused: boo
     return module, before, trainer
 
 
+def _assert_same_state(net: SSD, expected: dict) -> None:
+    state = net.state_dict()
+    assert state.keys() == expected.keys()
+    for k, v in state.items():  # parameters and buffers (BatchNorm statistics and counters)
+        torch.testing.assert_close(v, expected[k], rtol=0, atol=0, msg=k)
+
+
+def _nan_images(batch):
+    return dataclasses.replace(batch, images=torch.full_like(batch.images, float("nan")))
+
+
+@pytest.mark.parametrize("where", ["loss", "forward"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-no-sync", "sync"])
-def test_nonfinite_loss_skips_the_update(fused: bool) -> None:
-    module, before, trainer = _fit_with_nan({0, 1, 2, 3}, fused=fused)
-    module.net.eval()  # BatchNorm running stats move in the forward pass; weights must not
-    trainer.fit(module, train_dataloaders=_synthetic_loader())
-    assert module.nonfinite_total == 4
-    for k, v in module.net.state_dict().items():
-        if "running_" not in k and "num_batches" not in k:
-            torch.testing.assert_close(v, before[k], msg=k)
-    module, before, trainer = _fit_with_nan({1}, fused=fused)
-    trainer.fit(module, train_dataloaders=_synthetic_loader())
-    assert module.nonfinite_total == 1 and int(module._nonfinite_streak) == 0
-    assert any(not torch.equal(v, before[k]) for k, v in module.net.state_dict().items())
+def test_a_skipped_step_leaves_no_trace(fused: bool, where: str) -> None:
+    """A non-finite step (a NaN loss; or NaN activations, which reach BatchNorm's running
+    statistics in the forward, before the step is judged) changes no parameter and no buffer:
+    the run ends exactly as if the bad batch had not been there."""
+    good = _synthetic_batches(4)
+
+    def fit(bad_steps: set[int], batches: list):
+        if where == "forward":
+            batches = [_nan_images(b) if i in bad_steps else b for i, b in enumerate(batches)]
+        module, before, trainer = _fit_with_nan(
+            bad_steps if where == "loss" else set(), fused=fused
+        )
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+        assert module.nonfinite_total == len(bad_steps)
+        return module, before
+
+    module, _ = fit({1}, good)
+    reference, _ = fit(set(), good[:1] + good[2:])
+    _assert_same_state(module.net, reference.net.state_dict())
+    module, before = fit({0, 1, 2, 3}, good)  # every step bad: the initial network
+    _assert_same_state(module.net, before)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-no-sync", "sync"])

@@ -5,7 +5,7 @@ Examples::
     python -m ssd_lightning.train                                   # the default recipe
     python -m ssd_lightning.train anchors=ssd augmentation=light trainer=gpu
     python -m ssd_lightning.train -m anchors=tall_skinny,ssd         # a sweep, one dir per job
-    python -m ssd_lightning.train ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt  # resume
+    python -m ssd_lightning.train resume=outputs/<date>/<time>     # continue a stopped run
 
 ``train(cfg)`` does the work and is what tests call; ``main`` is the thin Hydra entry point.
 """
@@ -16,8 +16,11 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +29,17 @@ import lightning as L
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from ssd_lightning.config.cli import hydra_main
+from ssd_lightning.config.cli import exit_with_error, hydra_main
+from ssd_lightning.config.errors import ConfigError, RunInterrupted
+from ssd_lightning.config.job_status import write_job_status
+from ssd_lightning.config.validation import validate_config
 from ssd_lightning.tools.search import check_objective, objective_value
 from ssd_lightning.training.builders import build
+from ssd_lightning.training.lit_module import NonFiniteWeightsError
+from ssd_lightning.training.resume import refuse_existing_run_dir, resume_argv, start_checkpoint
 from ssd_lightning.training.run_outputs import (
     METRICS_FILE,
     collect_metrics,
@@ -108,25 +117,91 @@ def _ddp_child_argv(argv: list[str]) -> list[str]:
     ]
 
 
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[list[int]]:
+    """During the fit, SIGTERM (a scheduler's time limit) and SIGINT (Ctrl-C) stop the run at the
+    end of the current training batch: Lightning's SIGTERM handling (under DDP every rank stops at
+    the same batch), after which ``LastCheckpoint`` saves last.ckpt. A second SIGINT aborts at
+    once. Yields the signals received, in order."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals need the main thread
+        yield received
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:  # Lightning calls this after its own
+        received.append(signum)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        log.warning("SIGINT: stopping after this batch, saving the state (Ctrl-C again: abort)")
+        signal.raise_signal(signal.SIGTERM)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Validate the config, build data/model/trainer, fit, and return the final metrics
-    (also written to ``<run dir>/metrics.json``)."""
+    """Validate the config, build data/model/trainer, fit (or resume: ``resume=<run dir>`` /
+    ``ckpt_path=``), and return the final metrics (also written to ``<run dir>/metrics.json``,
+    with ``status`` completed / interrupted / failed).
+
+    Raises ``RunInterrupted`` when SIGTERM / SIGINT stopped the fit (last.ckpt, metrics.json and
+    job_status.json INTERRUPTED written first) and ``RunFailed`` when it ended with non-finite
+    weights."""
     started = time.monotonic()
+    output_dir = Path(cfg.paths.output_dir)
+    validate_config(cfg)  # config mistakes first, then the checkpoint and the run dir
+    ckpt_path = start_checkpoint(cfg, output_dir)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     module, datamodule, trainer = build(cfg)
-    output_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero and os.environ.get("LOCAL_RANK", "0") == "0":
         write_resolved_config(cfg, output_dir)
     log.info("run dir: %s (overrides: %s)", output_dir, " ".join(_task_overrides()) or "none")
-    with _ddp_launch_env(trainer):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if ckpt_path is not None:
+        log.info("resuming from %s", ckpt_path)
+        # expected on a resume: the DataModule continues the data stream itself (its
+        # state_dict), also mid-epoch; a run resumed in place finds its checkpoints dir full
+        warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended")
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
+    stopped_by = None
+    with _stop_on_signals() as received, _ddp_launch_env(trainer):
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            stopped_by = received[0] if received else signal.SIGTERM
     metrics = collect_metrics(trainer)
     metrics["wall_time_s"] = round(time.monotonic() - started, 3)  # start-up included
+    nonfinite = module.nonfinite_state()
+    metrics["status"] = "failed" if nonfinite else "interrupted" if stopped_by else "completed"
     if trainer.is_global_zero:
         write_metrics_json(output_dir / METRICS_FILE, metrics)
         shown = {k: v for k, v in metrics.items() if k.startswith(("val/", "train/loss"))}
         log.info("final metrics: %s", json.dumps(shown, sort_keys=True))
+    if stopped_by is not None:
+        name = signal.Signals(stopped_by).name
+        message = (
+            f"{name} at epoch {metrics['epoch']}, step {metrics['global_step']}; continue the "
+            f"run with: python -m ssd_lightning.train resume={output_dir}"
+        )
+        if trainer.is_global_zero:
+            write_job_status(output_dir, "INTERRUPTED", message, overrides=_task_overrides())
+        raise RunInterrupted(message, stopped_by)
+    if nonfinite:
+        raise NonFiniteWeightsError(
+            f"the run ended with non-finite weights ({len(nonfinite)} of the network's tensors, "
+            f"e.g. {', '.join(nonfinite[:3])}); its checkpoints/last.ckpt holds them, the "
+            "exported best model only finite ones. Lower optimizer.lr, check the data and "
+            "model.net.weights, or use trainer.precision=32-true."
+        )
     return metrics
 
 
@@ -138,7 +213,15 @@ def task(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    sys.argv = _ddp_child_argv(sys.argv)
+    child_argv = _ddp_child_argv(sys.argv)
+    if child_argv is sys.argv:  # not a DDP child (a child gets its parent's resolved argv)
+        try:
+            refuse_existing_run_dir(sys.argv)  # before Hydra writes into that dir
+            sys.argv = resume_argv(sys.argv)
+        except ConfigError as e:
+            exit_with_error(e, "Config error")
+    else:
+        sys.argv = child_argv
     hydra_main("train", task)()
 
 

@@ -6,6 +6,7 @@
 - ``compose``     composing configs outside ``@hydra.main`` and instantiating with clear errors
 - ``validation``  cross-field checks of a composed config, before anything heavy is built
 - ``job_status``  the Hydra callback that writes ``<job dir>/job_status.json``
+- ``atomic``      the one way a run's files are written: all or nothing
 - ``cli``         the one error / exit path of every command-line tool
 """
 

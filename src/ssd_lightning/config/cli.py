@@ -3,7 +3,9 @@
 A user mistake (a config value, a missing file, unreadable data) ends a tool with ONE message that
 names the key or the file, on stderr, and exit status 2 - never a traceback. Inside a Hydra sweep
 (``-m``) the failing job is recorded as FAILED (with its message, in ``job_status.json``) and the
-sweep goes on with the next job; the process then exits non-zero at the end.
+sweep goes on with the next job; the process then exits non-zero at the end. A run that fails
+although its config was fine (``RunFailed``, e.g. non-finite weights) is one message too, exit
+status 1; a run stopped by SIGTERM / SIGINT (``RunInterrupted``) exits 143 / 130 and stops a sweep.
 
 - ``hydra_main(config_name, task)``: the ``main()`` of a Hydra tool (train, evaluate, predict)
 - ``run_tool(fn)``: the same error handling for the argparse tools (anchors, summarize, benchmark)
@@ -26,7 +28,13 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 import ssd_lightning.config.resolvers  # noqa: F401 - the ${ssd_*:} resolvers, before composing
-from ssd_lightning.config.errors import ConfigError, ExportCheckError, MissingDependencyError
+from ssd_lightning.config.errors import (
+    ConfigError,
+    ExportCheckError,
+    MissingDependencyError,
+    RunFailed,
+    RunInterrupted,
+)
 from ssd_lightning.config.extras import check_plugins
 from ssd_lightning.config.paths import config_dir
 from ssd_lightning.data.dataset import DatasetReadError
@@ -121,6 +129,9 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
             if _in_sweep():
                 raise JobFailed(f"{kind}: {message_of(e)}") from None
             exit_with_error(e, kind)
+        except RunFailed as e:  # the job FAILED (a sweep goes on); one message, exit status 1
+            log.error("Run failed: %s", e)
+            raise JobFailed(f"Run failed: {e}") from None
 
     def main() -> None:
         try:
@@ -128,7 +139,11 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
             check_plugins(sys.argv[1:])
         except (ConfigError, MissingDependencyError) as e:
             exit_with_error(e, kind_of(e))
-        hydra.main(version_base="1.3", config_path=path, config_name=config_name)(run)()
+        try:
+            hydra.main(version_base="1.3", config_path=path, config_name=config_name)(run)()
+        except RunInterrupted as e:  # saved and recorded by the task; a sweep stops here too
+            print(f"\nInterrupted: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
 
     return main
 

@@ -13,3 +13,18 @@ class MissingDependencyError(ImportError):
 class ExportCheckError(RuntimeError):
     """An exported model whose runtime results differ from the PyTorch model's (the message
     says how much and where the files are)."""
+
+
+class RunFailed(RuntimeError):
+    """A training run that did not end well although its config was fine (e.g. it ended with
+    non-finite weights): one message, exit status 1, the job FAILED."""
+
+
+class RunInterrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt: not an Exception
+    """A training run stopped by SIGTERM / SIGINT after saving its state. A BaseException, like
+    KeyboardInterrupt, so nothing on the way out mistakes it for a failed job: a sweep stops
+    instead of going on with the next job. Exit status 128 + the signal number (143 / 130)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)

@@ -2,7 +2,8 @@
 
 Hydra keeps a job's status (COMPLETED / FAILED) in memory only. ``JobStatusCallback`` (enabled in
 ``conf/hydra/default.yaml`` under ``hydra.callbacks``) writes it at the end of every job with the
-exception when it failed and the task's return value.
+exception when it failed and the task's return value. A training run stopped by SIGTERM / SIGINT
+writes INTERRUPTED itself (``write_job_status``): it leaves the process without returning to Hydra.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 
+from ssd_lightning.config.atomic import write_json
+
 JOB_STATUS_FILE = "job_status.json"
 
 
@@ -25,6 +28,25 @@ def read_job_status(job_dir: Path) -> dict[str, Any]:
         return json.loads((Path(job_dir) / JOB_STATUS_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def write_job_status(
+    job_dir: str | Path,
+    status: str,
+    error: str | None = None,
+    return_value: Any = None,
+    overrides: list[str] | None = None,
+) -> Path:
+    """Write ``<job_dir>/job_status.json`` (atomically): COMPLETED / FAILED from Hydra, or
+    INTERRUPTED from a training run stopped by a signal (which never reaches Hydra's callback)."""
+    info = {
+        "status": status,
+        "error": error,
+        "return_value": return_value if isinstance(return_value, int | float | str) else None,
+        "overrides": list(overrides or []),
+        "finished": datetime.now().isoformat(timespec="seconds"),
+    }
+    return write_json(Path(job_dir) / JOB_STATUS_FILE, info)
 
 
 class JobStatusCallback(Callback):
@@ -42,12 +64,4 @@ class JobStatusCallback(Callback):
             error = str(value)
         elif isinstance(value, BaseException):
             error = f"{type(value).__name__}: {value}"
-        info = {
-            "status": status,
-            "error": error,
-            "return_value": value if isinstance(value, int | float | str) else None,
-            "overrides": list(job_return.overrides or []),
-            "finished": datetime.now().isoformat(timespec="seconds"),
-        }
-        out.mkdir(parents=True, exist_ok=True)
-        (out / JOB_STATUS_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        write_job_status(out, status, error, value, list(job_return.overrides or []))

@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import ResNet34_Weights, resnet34
 
+from ssd_lightning.core.norm import SafeBatchNorm2d
+
 # layer2, layer3, layer4 and the extra blocks C5, C6, C7: the design's six maps
 NUM_FEATURE_MAPS = 6
 WEIGHT_NAMES = ("auto", "imagenet", "none")  # or the path of a ResNet-34 state dict
@@ -93,12 +95,14 @@ def resolve_weights(weights: str) -> tuple[dict[str, Tensor] | None, str]:
 def _extra_block(
     cin: int, mid: int, cout: int, kernel: int, stride: int, padding: int
 ) -> nn.Module:
+    # the extra blocks reach 1x1 maps (C7 always, C6 at small inputs): a batch of one image must
+    # still train there, hence the batch-size-safe BatchNorm
     return nn.Sequential(
         nn.Conv2d(cin, mid, 1, bias=False),
-        nn.BatchNorm2d(mid),
+        SafeBatchNorm2d(mid),
         nn.ReLU(inplace=True),
         nn.Conv2d(mid, cout, kernel, stride=stride, padding=padding, bias=False),
-        nn.BatchNorm2d(cout),
+        SafeBatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ssd_lightning.config.paths import data_dir
 from ssd_lightning.core.plain import to_plain
@@ -41,33 +42,73 @@ _AUTO = ("auto", None)
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader worker_init_fn. torch already gives each worker base_seed + worker_id (and the
-    base seed changes every epoch); seed `random`/numpy from it too so nothing repeats."""
+    base seed changes every epoch); seed `random`/numpy from it too so nothing repeats.
+
+    Workers ignore SIGINT / SIGTERM: a cluster's time limit or Ctrl-C signals the whole process
+    group, and a worker dying of it would crash the main process, which instead finishes its
+    batch, saves and shuts the workers down (they also exit when it dies)."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - the legacy global RNG is what third-party code uses
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class EpochSeededSampler(Sampler[int]):
-    """Shuffles epoch e from ``seed + e`` and reseeds ``generator`` (the DataLoader's, which
-    draws the workers' augmentation seeds) the same way. Lightning calls ``set_epoch`` before
-    every epoch, so a run resumed from a checkpoint continues the data stream where it stopped
-    instead of replaying epoch 0. (Under DDP Lightning's DistributedSampler takes over, which
-    is seeded by epoch in the same way.)"""
+class EpochSeededSampler(DistributedSampler):
+    """The training order and every sample's augmentation seed, from (seed, epoch) alone.
 
-    def __init__(self, size: int, seed: int, generator: torch.Generator) -> None:
-        self.size, self.seed, self.generator = size, seed, generator
-        self.set_epoch(0)
+    Yields ``(index, sample_seed)`` pairs that ``SeededSamples`` turns into seeded draws: a
+    sample's augmentation then depends neither on the DataLoader worker that makes it nor on how
+    many workers there are or what they did before. So the batches of an epoch are the same for
+    any ``num_workers``, and a resumed run continues the stream exactly: Lightning calls
+    ``set_epoch`` before every epoch, and ``resume_at`` skips the samples of the resumed epoch
+    that were trained before the interruption. Under DDP every rank takes its share
+    (``rank::num_replicas``) of the same epoch order; being a ``DistributedSampler`` it is kept
+    by Lightning as it is.
+    """
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.generator.manual_seed(self.seed + 1_000_003 * epoch)
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self._resume: tuple[int, int] | None = None  # (epoch, samples of it to skip)
 
-    def __iter__(self) -> Iterator[int]:
-        order = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch + 1)
-        return iter(torch.randperm(self.size, generator=order).tolist())
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        """Skip the first ``samples_done`` samples of this rank's share when ``epoch`` comes."""
+        self._resume = (epoch, samples_done)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        size = len(self.dataset)
+        # one well-mixed stream per (seed, epoch): a seed per image, then the order's seed
+        words = np.random.SeedSequence([self.seed, self.epoch]).generate_state(size + 1, np.uint64)
+        seeds = [int(w) >> 1 for w in words]  # 63 bits: any torch / Python seed
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seeds[size]))
+        order = order.tolist()
+        order += order[: self.total_size - size]  # every rank gets as many (as DistributedSampler)
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start, self._resume = self._resume[1], None
+        return iter([(i, seeds[i]) for i in mine[start:]])
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` with torch's (CPU), Python's and numpy's global RNGs seeded from the
+    ``(index, seed)`` an ``EpochSeededSampler`` yields, in whichever process makes the sample (a
+    worker, or the main process when ``num_workers=0``). Plain indices (a sampler Lightning put
+    in place, e.g. for ``overfit_batches``) are passed through unseeded."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.dataset)
+
+    def __getitem__(self, item: int | tuple[int, int]) -> Any:
+        if isinstance(item, tuple):
+            item, seed = item
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)  # noqa: NPY002 - the legacy global RNG third-party code uses
+        return self.dataset[item]
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> Any:
@@ -156,6 +197,10 @@ class PennFudanDataModule(L.LightningDataModule):
         if self._split is not None:
             split_names(self._split, self.val_size)
         self.gpu_augmenter: GpuAugmenter | None = None
+        self._train_sampler: EpochSeededSampler | None = None
+        self._resume_position: tuple[int, int] | None = (
+            None  # (epoch, samples done), see load_state_dict
+        )
         self._verified = False
         self.train_set: PennFudanDataset | None = None
         self.val_set: PennFudanDataset | None = None
@@ -233,14 +278,25 @@ class PennFudanDataModule(L.LightningDataModule):
     # -- loaders ------------------------------------------------------------------------------
     def _loader(self, ds: Dataset, train: bool, collate: Callable = collate_fn) -> DataLoader:
         workers = self.num_workers
-        # distinct augmentation streams per DDP rank
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
         seed = None if self.seed is None else self.seed + rank
         # seed null: torch's global generator (i.e. seed_everything) shuffles and seeds workers
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         sampler = None
-        if train and generator is not None:
-            sampler = EpochSeededSampler(len(ds), seed, generator)
+        if train and self.seed is not None:
+            world = trainer.world_size if trainer is not None else 1
+            sampler = EpochSeededSampler(len(ds), self.seed, num_replicas=world, rank=rank)
+            if trainer is not None:
+                # Lightning makes the fit's first iterator before its first set_epoch, and with
+                # workers the indices are drawn right then: start at the epoch it will train
+                # (a resumed run's, not 0)
+                sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+            if self._resume_position is not None:
+                sampler.resume_at(*self._resume_position)
+                self._resume_position = None
+            ds = SeededSamples(ds)
+            self._train_sampler = sampler
         return DataLoader(
             ds,
             batch_size=self.batch_size,
@@ -254,6 +310,22 @@ class PennFudanDataModule(L.LightningDataModule):
             worker_init_fn=seed_worker,
             generator=generator,
         )
+
+    # -- resuming -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training data stream stands, saved in checkpoints: the epoch and how many of
+        its samples this rank has trained on (Lightning's count of finished batches)."""
+        sampler, trainer = self._train_sampler, self.trainer
+        if sampler is None or trainer is None:
+            return {}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return {"epoch": sampler.epoch, "samples_done": batches * self.batch_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the saved data stream: a run resumed mid-epoch (e.g. after SIGTERM) skips the
+        samples it already trained on instead of replaying the epoch's first batches."""
+        if state_dict:
+            self._resume_position = (int(state_dict["epoch"]), int(state_dict["samples_done"]))
 
     def _use_gpu_path(self) -> bool:
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"

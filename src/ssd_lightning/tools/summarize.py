@@ -9,7 +9,8 @@ metric). Jobs without a ``metrics.json`` are kept and marked ``failed`` (with th
 their log when there is one); a job whose metric is missing or not finite is marked ``no metric``.
 
 A job's ``job_status.json`` (Hydra's COMPLETED / FAILED with the exception, written by
-``config.job_status.JobStatusCallback``) decides its status when present.
+``config.job_status.JobStatusCallback``, or INTERRUPTED by a signal) decides its status when
+present.
 
 An Optuna search (``-m hparams_search=<name>``) comes first: the best value and parameters from
 Optuna's ``optimization_results.yaml``, the best trial's job and the command that reruns it. Its
@@ -44,7 +45,7 @@ METRIC_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
     ("epochs", ("epoch", "epochs")),
     ("wall_s", ("wall_time_s",)),
 ]
-OK, FAILED, NO_METRIC = "ok", "failed", "no metric"
+OK, FAILED, NO_METRIC, INTERRUPTED = "ok", "failed", "no metric", "interrupted"
 
 
 @dataclass
@@ -134,6 +135,9 @@ def find_jobs(multirun_dir: str | Path) -> list[Job]:
         if hydra_status.get("status") == "FAILED":  # Hydra's word wins over a stale metrics.json
             job.status = FAILED
             job.note = one_line(hydra_status.get("error") or job.note)
+        elif hydra_status.get("status") == "INTERRUPTED":  # stopped by a signal, resumable
+            job.status = INTERRUPTED
+            job.note = one_line(hydra_status.get("error") or "")
         jobs.append(job)
     return jobs
 
@@ -397,4 +401,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     failed = [j.name for j in jobs if j.status == FAILED]
     if failed:
         print(f"\n{len(failed)} failed job(s): {', '.join(failed)}")
+    stopped = [j.name for j in jobs if j.status == INTERRUPTED]
+    if stopped:
+        print(f"\n{len(stopped)} interrupted job(s) (resume=<job dir>): {', '.join(stopped)}")
     print("\nwritten: " + ", ".join(str(p) for p in files.values()))

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from ssd_lightning.config.compose import instantiate_checked
 from ssd_lightning.config.validation import validate_config
 from ssd_lightning.training.callbacks import AugmentationPreview
+from ssd_lightning.training.checkpoint_io import RunCheckpointIO
 from ssd_lightning.training.lit_module import SSDLitModule
 from ssd_lightning.training.run_outputs import run_info
 
@@ -58,6 +59,10 @@ def build(
     loggers = build_loggers(cfg)
     callbacks = [*build_callbacks(cfg, has_logger=bool(loggers)), *extra_callbacks]
     trainer = instantiate_checked(
-        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False
+        cfg.trainer,
+        "trainer",
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[RunCheckpointIO()],  # atomic checkpoint writes, weights-only reads
     )
     return module, datamodule, trainer

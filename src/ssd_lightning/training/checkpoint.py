@@ -14,11 +14,14 @@ is refused. This module imports no Lightning (``predict`` uses it on the exporte
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ssd_lightning.config.atomic import atomic_write
 from ssd_lightning.core.postprocess import EVALUATE_DEFAULTS, PREDICT_DEFAULTS
 from ssd_lightning.core.ssd import SSD
 
@@ -30,8 +33,12 @@ class CheckpointError(ValueError):
     """A model file that is missing, unreadable or not written by ssd_lightning."""
 
 
-def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
-    """A .ckpt / .pt file as a dict, loaded weights-only; ``key`` names the config entry."""
+def read_checkpoint(
+    path: str | Path, key: str = "ckpt_path", map_location: Any = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """A .ckpt / .pt file as a dict, loaded weights-only whatever the environment says
+    (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` only overrides calls that do not ask); ``key`` names
+    the config entry. ``mmap``: tensors stay in the file until used (a quick look at the rest)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(
@@ -39,7 +46,7 @@ def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
             "exported ssd_resnet34_pennfudan_best.pt)"
         )
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or unsafe: one clear message
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
@@ -110,9 +117,40 @@ def load_model(
 
 
 def export_model(net: SSD, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write the Lightning-free file: the state dict, the constructor config and ``extra``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the Lightning-free file (atomically): the state dict, the constructor config and
+    ``extra``."""
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    torch.save({"config": dict(net.config), "state_dict": state, **(extra or {})}, path)
-    return path
+    with atomic_write(path) as tmp:
+        torch.save({"config": dict(net.config), "state_dict": state, **(extra or {})}, tmp)
+    return Path(path)
+
+
+# what does not shape the trained network: the trunk's initial weights, the preset's name
+_NOT_ARCHITECTURE = ("model.net.weights", "anchors.name")
+
+
+def _differences(stored: Any, wanted: Any, key: str) -> list[str]:
+    if isinstance(stored, Mapping) and isinstance(wanted, Mapping):
+        keys = sorted(set(stored) | set(wanted))
+        return [d for k in keys for d in _differences(stored.get(k), wanted.get(k), f"{key}.{k}")]
+    if key in _NOT_ARCHITECTURE or stored == wanted:
+        return []
+    return [f"{key}: checkpoint {stored!r}, config {wanted!r}"]
+
+
+def architecture_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """``<key>: checkpoint <a>, config <b>`` for every ``SSD`` argument on which a checkpoint's
+    network (``net_config``) and a config's ``model.net`` (plain) differ, anchor preset entries
+    one by one under their own ``anchors.`` keys. Missing arguments take ``SSD``'s defaults."""
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(SSD).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    stored = {**defaults, **stored}
+    wanted = {**defaults, **{k: v for k, v in wanted.items() if not k.startswith("_")}}
+    out = []
+    for k in sorted(set(stored) | set(wanted)):
+        key = "anchors" if k == "anchors" else f"model.net.{k}"  # anchors: the anchors group
+        out += _differences(stored.get(k), wanted.get(k), key)
+    return out

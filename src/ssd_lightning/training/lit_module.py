@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torchmetrics.detection import MeanAveragePrecision
 
+from ssd_lightning.config.errors import RunFailed
 from ssd_lightning.core.loss import MultiBoxLoss
 from ssd_lightning.core.postprocess import (
     EVALUATE_DEFAULTS,
@@ -47,8 +48,12 @@ def map_backend() -> str:
     return "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailed):
     """The loss stayed NaN/inf for too many consecutive steps."""
+
+
+class NonFiniteWeightsError(RunFailed):
+    """A fit ended with NaN/inf in the network's weights or buffers."""
 
 
 class SSDLitModule(L.LightningModule):
@@ -113,6 +118,10 @@ class SSDLitModule(L.LightningModule):
         self._nonfinite_total = torch.zeros(())
         self._nonfinite_streak = torch.zeros(())
         self._checked_step = 0
+        # the network's saved buffers (BatchNorm statistics), grouped by dtype, and their values
+        # before this step's forward: a skipped step puts them back (see _restore_buffers)
+        self._state_buffers: list[list[Tensor]] = []
+        self._buffers_before: list[Tensor] | None = None
         self.last_map: dict[str, float] = {}  # every scalar of the last mAP computation
 
     # ---------------------------------------------------------------------------------------------
@@ -129,13 +138,37 @@ class SSDLitModule(L.LightningModule):
     def _fused(optimizer: Optimizer) -> bool:
         return all(group.get("fused") for group in optimizer.param_groups)
 
+    def _snapshot_buffers(self) -> None:
+        """Keep the saved buffers' values from before the first forward of an optimizer step
+        (BatchNorm updates its running statistics in the forward, before the step is judged)."""
+        if self._buffers_before is None:
+            self._buffers_before = [
+                torch.cat([b.reshape(-1) for b in g]) for g in self._state_buffers
+            ]
+
+    def _restore_buffers(self, bad: Tensor) -> None:
+        """bad: () float, 1.0 when the step is skipped: every saved buffer then gets its value from
+        before the step's forward back. Decided on the device (no host sync), a few launches: one
+        flat tensor per dtype."""
+        before, self._buffers_before = self._buffers_before, None
+        if before is None:
+            return
+        skip = bad.bool()
+        for group, old in zip(self._state_buffers, before, strict=True):
+            kept = torch.where(skip, old, torch.cat([b.reshape(-1) for b in group]))
+            parts = kept.split([b.numel() for b in group])
+            torch._foreach_copy_(
+                group, [p.view(b.shape) for p, b in zip(parts, group, strict=True)]
+            )
+
     def _count_nonfinite(self, bad: Tensor) -> None:
         """bad: () float, 1.0 when this step is skipped. Device-side counters, read rarely."""
         self._nonfinite_streak = (self._nonfinite_streak.to(bad) + 1) * bad
         self._nonfinite_total = self._nonfinite_total.to(bad) + bad
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        """Make a step with non-finite gradients leave the weights untouched, without a host sync.
+        """Make a step with non-finite gradients leave the weights and the buffers (BatchNorm's
+        running statistics, already moved by the forward) untouched, without a host sync.
 
         With a fused optimizer (the configs' default) the decision stays on the device: the
         optimizer's ``found_inf`` makes the fused kernel skip the update, as AMP's GradScaler
@@ -150,6 +183,7 @@ class SSDLitModule(L.LightningModule):
         norms = torch._foreach_norm(grads) if grads else [torch.zeros((), device=self.device)]
         bad = (~torch.isfinite(torch.stack(norms).sum())).float()
         optimizer.found_inf = bad
+        self._restore_buffers(bad)
         self._count_nonfinite(bad)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self._check_nonfinite()
@@ -174,6 +208,7 @@ class SSDLitModule(L.LightningModule):
             )
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        self._snapshot_buffers()
         _, _, out = self._step(batch)
         bs = len(batch.images)
         if not self._fused(self.optimizers().optimizer):
@@ -184,7 +219,9 @@ class SSDLitModule(L.LightningModule):
             self._count_nonfinite(bad)
             self._check_nonfinite()
             if bad.item():
+                self._restore_buffers(bad)  # not before a backward: it saved the statistics
                 return None  # Lightning skips backward and the optimizer step
+            self._buffers_before = None
         # the progress bar reads it (a host sync) at its refresh rate, log_every_n_steps by default
         self.log(
             "train/loss",
@@ -293,8 +330,26 @@ class SSDLitModule(L.LightningModule):
             self.net.to(memory_format=torch.channels_last)
         log_hparams_tensorboard(self.trainer, self.hparams_for_logging())
 
+    def on_train_start(self) -> None:
+        # after every move of the network (device, memory format), which replaces buffer objects
+        saved = set(self.net.state_dict(keep_vars=True))
+        groups: dict[torch.dtype, list[Tensor]] = {}
+        for name, b in self.net.named_buffers():
+            if name in saved:
+                groups.setdefault(b.dtype, []).append(b)
+        self._state_buffers = list(groups.values())
+        self._buffers_before = None
+
     def on_train_epoch_end(self) -> None:
         self._check_nonfinite()
+
+    def nonfinite_state(self) -> list[str]:
+        """The network's state entries (weights and buffers) holding NaN/inf. One host sync."""
+        state = {k: v for k, v in self.net.state_dict().items() if v.is_floating_point()}
+        if not state:
+            return []
+        finite = torch.stack([torch.isfinite(v).all() for v in state.values()]).tolist()
+        return [k for k, ok in zip(state, finite, strict=True) if not ok]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_total = int(self._nonfinite_total.item())

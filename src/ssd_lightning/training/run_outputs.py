@@ -3,7 +3,6 @@ TensorBoard HPARAMS summary (one row per run, so a sweep's runs compare side by 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +14,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
+
+from ssd_lightning.config.atomic import atomic_write, write_json
+from ssd_lightning.training.callbacks import BestModel
 
 METRICS_FILE = "metrics.json"
 RESOLVED_CONFIG_FILE = "config_resolved.yaml"
@@ -87,12 +89,12 @@ def collect_metrics(trainer: L.Trainer) -> dict[str, Any]:
             out[k] = float(v)
     out["epoch"] = int(trainer.current_epoch)
     out["global_step"] = int(trainer.global_step)
-    ckpt = trainer.checkpoint_callback
-    if ckpt is not None and getattr(ckpt, "best_model_path", ""):
-        out["best_model_path"] = str(ckpt.best_model_path)
-        out["best_monitor"] = str(ckpt.monitor)
-        score = ckpt.best_model_score
-        out["best_model_score"] = None if score is None else float(score)
+    best = next((cb for cb in trainer.callbacks if isinstance(cb, BestModel)), None)
+    if best is not None and best.best_file is not None:
+        out["best_model_path"] = best.best_file
+        out["best_monitor"] = best.monitor
+        out["best_model_score"] = best.best_score
+        out["best_epoch"] = best.best_epoch
     module = trainer.lightning_module
     if module is not None and hasattr(module, "nonfinite_total"):
         out["nonfinite_steps_skipped"] = int(module.nonfinite_total)
@@ -100,21 +102,18 @@ def collect_metrics(trainer: L.Trainer) -> dict[str, Any]:
 
 
 def write_metrics_json(path: str | Path, metrics: Mapping[str, Any]) -> Path:
-    """JSON with NaN/inf written as null (strict JSON)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """JSON with NaN/inf written as null (strict JSON), written atomically."""
     clean = {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v)
         for k, v in metrics.items()
     }
-    path.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
-    return path
+    return write_json(path, clean, sort_keys=True)
 
 
 def write_resolved_config(cfg: DictConfig, output_dir: Path) -> Path:
     """``<run dir>/config_resolved.yaml``: the job's config with every interpolation resolved."""
-    output_dir.mkdir(parents=True, exist_ok=True)
     job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     path = output_dir / RESOLVED_CONFIG_FILE
-    path.write_text(OmegaConf.to_yaml(job_cfg, resolve=True))
+    with atomic_write(path) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(job_cfg, resolve=True))
     return path

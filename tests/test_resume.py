@@ -1,0 +1,156 @@
+"""Resuming a stopped run: exactly where it stopped (kill -9, SIGTERM, SIGINT), in its own dir
+(``resume=``) or from a checkpoint (``ckpt_path=``), and the checks before it starts."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _runs import epoch_scalars, start_training, stop, wait_until
+from conftest import make_cfg, run_cli, tiny
+
+from ssd_lightning.config.job_status import read_job_status
+from ssd_lightning.train import train
+
+BEST = "ssd_resnet34_pennfudan_best.pt"
+EPOCH_TAGS = ("train/loss_epoch", "train/num_pos", "train/accuracy", "train/box_mae")
+# 3 epochs of 3 steps; no validation (the best is judged on train/loss, which moves every
+# epoch), no figures: only what a resume has to get right
+E2E = tiny(
+    "data.val_size=0",
+    "~callbacks.prediction_images",
+    "~callbacks.augmentation_preview",
+    trainer__max_epochs=3,
+    trainer__limit_train_batches=3,
+)
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_same_network(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 3 epochs without a stop (subprocess, no workers)."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    r = run_cli("ssd_lightning.train", *E2E, f"hydra.run.dir={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "workers"),
+    [(signal.SIGKILL, 0), (signal.SIGKILL, 2), (signal.SIGTERM, 2)],
+    ids=["kill-9-no-workers", "kill-9-two-workers", "sigterm-two-workers"],
+)
+def test_a_stopped_run_resumes_exactly(
+    straight_run: Path, tmp_path: Path, signum: int, workers: int
+) -> None:
+    """Stopped during its second epoch (the whole process group, workers included) and resumed
+    with resume=<run dir>: the same epochs, the same final weights and the same best model as
+    the run that was never stopped (whose batches, seeded per sample, do not depend on the
+    number of workers either)."""
+    run, log = tmp_path / "run", tmp_path / "stopped.log"
+    proc = start_training(log, *E2E, f"data.num_workers={workers}", f"hydra.run.dir={run}")
+    last = run / "checkpoints" / "last.ckpt"
+    wait_until(last.is_file, proc, log, timeout=900)  # epoch 0 is done and saved
+    time.sleep(1.0)  # into epoch 1
+    rc = stop(proc, signum)
+    assert rc == (-signal.SIGKILL if signum == signal.SIGKILL else 143), log.read_text()[-3000:]
+    stopped_at = _state(last)["global_step"]
+    assert 3 <= stopped_at < 9
+    events_before = set((run / "tensorboard").glob("events.*"))
+
+    r = run_cli("ssd_lightning.train", f"resume={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_network(
+        _state(last)["state_dict"], _state(straight_run / last.relative_to(run))["state_dict"]
+    )
+    # the best of the whole run (also of the epochs before the stop) is the one exported
+    best, expected_best = _state(run / BEST), _state(straight_run / BEST)
+    assert best["epoch"] == expected_best["epoch"]
+    _assert_same_network(best["state_dict"], expected_best["state_dict"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["global_step"] == 9
+    assert read_job_status(run)["status"] == "COMPLETED"
+    # the epochs after the resume log the straight run's values; after SIGTERM the resumed
+    # epoch's averages cover only its remaining batches, so the full epochs after it compare
+    (resumed_events,) = set((run / "tensorboard").glob("events.*")) - events_before
+    (straight_events,) = (straight_run / "tensorboard").glob("events.*")
+    got = epoch_scalars(resumed_events, EPOCH_TAGS)
+    want = epoch_scalars(straight_events, EPOCH_TAGS)
+    full_epochs = 3 - (stopped_at + 2) // 3
+    assert full_epochs >= 1
+    for tag in EPOCH_TAGS:
+        assert got[tag][len(got[tag]) - full_epochs :] == want[tag][3 - full_epochs :], tag
+
+
+def test_resume_in_place_continues_exactly(tiny_run: dict, tmp_path: Path) -> None:
+    """One epoch, then resume=<run dir> for the second: what the 2-epoch tiny run computed (with
+    two workers here, none there: workers draw a resumed epoch's indices as soon as Lightning
+    makes the loader's iterator)."""
+    run = tmp_path / "run"
+    train(make_cfg(tiny(trainer__max_epochs=1, data__num_workers=2), run))
+    metrics = train(
+        make_cfg(tiny(f"resume={run}", trainer__max_epochs=2, data__num_workers=2), run)
+    )
+    straight = tiny_run["metrics"]
+    assert metrics["global_step"] == straight["global_step"] == 4
+    for k in ("train/loss", "train/num_pos", "val/loss"):
+        assert metrics[k] == pytest.approx(straight[k], rel=1e-4), k
+    got = _state(run / "checkpoints" / "last.ckpt")["state_dict"]
+    want = _state(tiny_run["dir"] / "checkpoints" / "last.ckpt")["state_dict"]
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize(
+    ("signum", "workers"),
+    [
+        pytest.param(signal.SIGTERM, 2, id="sigterm-two-workers"),
+        pytest.param(signal.SIGINT, 0, id="sigint-no-workers", marks=pytest.mark.slow),
+    ],
+)
+def test_a_signal_saves_records_and_exits_nonzero(
+    tmp_path: Path, signum: int, workers: int
+) -> None:
+    """A cluster's time limit (SIGTERM to the job's processes) or Ctrl-C: the run stops after its
+    batch, saves last.ckpt, records INTERRUPTED (job_status.json, metrics.json with the state
+    reached), exits 128 + the signal; resume=<run dir> then finishes it."""
+    run, log = tmp_path / "run", tmp_path / "stopped.log"
+    overrides = tiny(
+        "logger=none",
+        "~callbacks.prediction_images",
+        "~callbacks.augmentation_preview",
+        f"data.num_workers={workers}",
+        trainer__max_epochs=3,
+    )
+    proc = start_training(log, *overrides, f"hydra.run.dir={run}")
+    last = run / "checkpoints" / "last.ckpt"
+    wait_until(last.is_file, proc, log, timeout=900)
+    rc = stop(proc, signum)
+    assert rc == 128 + signum, log.read_text()[-3000:]
+    assert f"Interrupted: {signal.Signals(signum).name} at epoch" in log.read_text()
+    status = read_job_status(run)
+    assert status["status"] == "INTERRUPTED" and f"resume={run}" in status["error"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    saved = _state(last)
+    assert metrics["status"] == "interrupted"
+    assert metrics["global_step"] == saved["global_step"] >= 2  # the state reached is saved
+
+    r = run_cli("ssd_lightning.train", f"resume={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["global_step"] == 6
+    assert read_job_status(run)["status"] == "COMPLETED"

@@ -1,0 +1,224 @@
+"""What keeps a run's files trustworthy: atomic writes, weights-only resume, the checks before a
+resume, no silent reuse of a run dir, disk use, and no silent end with broken weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _runs import cli_env
+from conftest import ROOT, make_cfg, run_cli, tiny
+
+from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.config.job_status import read_job_status
+from ssd_lightning.train import train
+from ssd_lightning.training.checkpoint import CheckpointError
+from ssd_lightning.training.checkpoint_io import RunCheckpointIO
+from ssd_lightning.training.resume import start_checkpoint
+
+BEST = "ssd_resnet34_pennfudan_best.pt"
+
+# A child that builds the run's Trainer from the config and saves a ~200 MB checkpoint through
+# it again and again, each version a constant tensor; "saved" once the first one is complete.
+_SAVER = """
+import sys, torch
+sys.path.insert(0, "tests")
+from conftest import make_cfg, tiny
+from ssd_lightning.training.builders import build
+_, _, trainer = build(make_cfg(tiny("logger=none"), sys.argv[2]))
+io, path, v = trainer.strategy.checkpoint_io, sys.argv[1], 0
+while True:
+    io.save_checkpoint({"version": v, "w": torch.full((50_000_000,), float(v))}, path)
+    if v == 0:
+        print("saved", flush=True)
+    v += 1
+"""
+
+
+def _other_filesystem(path: Path) -> Path | None:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.stat(shm).st_dev != os.stat(path).st_dev:
+        return shm
+    return None
+
+
+@pytest.mark.parametrize("tmpdir", ["same", "other"], ids=["tmpdir-same-fs", "tmpdir-other-fs"])
+def test_a_kill_during_a_checkpoint_save_keeps_the_old_one(tmp_path: Path, tmpdir: str) -> None:
+    """SIGKILL while last.ckpt is being rewritten: the previous last.ckpt stays whole (with
+    $TMPDIR on the checkpoint's filesystem and on another one)."""
+    where = tmp_path if tmpdir == "same" else _other_filesystem(tmp_path)
+    if where is None:
+        pytest.skip("no second filesystem (/dev/shm) on this machine")
+    scratch = Path(where) / f"tmpdir-{os.getpid()}"
+    scratch.mkdir(exist_ok=True)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVER, str(last), str(tmp_path / "run")],
+        cwd=ROOT,
+        env=cli_env(TMPDIR=str(scratch)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "saved"
+        full = last.stat().st_size
+        deadline = time.monotonic() + 60
+        # kill while a new version is being written: last.ckpt shrunk (a copy into it) or a
+        # temporary file next to it
+        while time.monotonic() < deadline:
+            writing = last.stat().st_size < full or any(last.parent.glob(".last.ckpt.*"))
+            if writing:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        shutil.rmtree(scratch, ignore_errors=True)
+    blob = torch.load(last, map_location="cpu", weights_only=True)
+    assert torch.equal(blob["w"], torch.full((50_000_000,), float(blob["version"])))
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what a malicious checkpoint could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_malicious_checkpoint_runs_nothing(tmp_path: Path, monkeypatch) -> None:
+    """Even with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (and on torch < 2.6) a resume loads
+    checkpoints weights-only: the payload is refused, with one message."""
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "epoch": 0, "payload": _Payload(marker)}, evil)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(CheckpointError, match="cannot read it"):
+        RunCheckpointIO().load_checkpoint(evil)  # what Lightning calls to resume
+    assert not marker.exists()
+    r = subprocess.run(
+        [sys.executable, "-m", "ssd_lightning.train", *tiny(f"ckpt_path={evil}")],
+        cwd=ROOT,
+        env=cli_env(TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"ckpt_path={evil}: cannot read it as a PyTorch checkpoint" in r.stderr
+    assert not marker.exists()
+    # the test means something: a default load would have run the payload
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        (["anchors=ssd"], "anchors.ratios"),  # the same head shapes: would resume silently
+        (["anchors=dense_tall"], "anchors.ratios"),  # other head shapes: was a traceback
+        (["model.net.head_kernel_size=3"], "model.net.head_kernel_size"),
+    ],
+)
+def test_resume_with_another_network_is_refused(
+    tiny_run: dict, tmp_path: Path, changes: list, key: str
+) -> None:
+    last = tiny_run["dir"] / "checkpoints" / "last.ckpt"
+    cfg = make_cfg(tiny(f"ckpt_path={last}", *changes), tmp_path / "run")
+    with pytest.raises(CheckpointError, match=rf"network is not the one[\s\S]*{key}: checkpoint"):
+        train(cfg)
+
+
+def test_resume_from_a_broken_checkpoint_is_one_message(tiny_run: dict, tmp_path: Path) -> None:
+    truncated = tmp_path / "last.ckpt"
+    data = (tiny_run["dir"] / "checkpoints" / "last.ckpt").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    r = run_cli("ssd_lightning.train", *tiny(f"ckpt_path={truncated}", "anchors=dense_tall"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"ckpt_path={truncated}: cannot read it as a PyTorch checkpoint" in r.stderr
+
+
+def _fake_run(run: Path) -> None:
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"a previous run's state")
+    (run / "metrics.json").write_text("{}")
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- anchors=ssd\n")
+
+
+def test_an_existing_run_dir_is_not_reused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _fake_run(run)
+    r = run_cli("ssd_lightning.train", *tiny(), f"hydra.run.dir={run}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "already holds a run (checkpoints/last.ckpt, metrics.json)" in r.stderr
+    assert f"resume={run}" in r.stderr and "overwrite=true" in r.stderr
+    assert (run / ".hydra" / "overrides.yaml").read_text() == "- anchors=ssd\n"  # untouched
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"a previous run's state"
+    # the same check inside the task (e.g. a run composed in-process)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        start_checkpoint(make_cfg(tiny(), run), run)
+    # overwrite=true: start over there, without the previous run's files
+    assert start_checkpoint(make_cfg(tiny("overwrite=true"), run), run) is None
+    assert not (run / "checkpoints").exists() and not (run / "metrics.json").exists()
+
+
+def test_disk_use_full_state_only_in_last_ckpt(tiny_run: dict) -> None:
+    run: Path = tiny_run["dir"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(run / BEST, map_location="cpu", weights_only=True)
+    assert last["optimizer_states"] and "optimizer_states" not in best
+    # weights only: about a third of the full state (Adam keeps two moments per weight)
+    assert (run / BEST).stat().st_size < 0.4 * (run / "checkpoints" / "last.ckpt").stat().st_size
+
+
+def _nan_resnet34(path: Path) -> Path:
+    from torchvision.models import resnet34
+
+    state = resnet34().state_dict()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, path)
+    return path
+
+
+def test_a_run_ending_with_nonfinite_weights_fails(tmp_path: Path) -> None:
+    """Every step is skipped (NaN activations), so the run would end "well" with NaN weights:
+    it fails instead, with one message, a failed status, and no exported model."""
+    run = tmp_path / "run"
+    weights = _nan_resnet34(tmp_path / "nan_resnet34.pt")
+    r = run_cli(
+        "ssd_lightning.train",
+        *tiny("logger=none", f"model.net.weights={weights}"),
+        f"hydra.run.dir={run}",
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "Run failed: the run ended with non-finite weights" in r.stderr
+    assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+    assert read_job_status(run)["status"] == "FAILED"
+    assert not (run / BEST).exists()
+
+
+def test_summarize_marks_interrupted_jobs(tmp_path: Path) -> None:
+    from ssd_lightning.config.job_status import write_job_status
+    from ssd_lightning.tools.summarize import INTERRUPTED, OK, find_jobs, sort_jobs
+
+    for job, status, value in (("0", "INTERRUPTED", 0.9), ("1", "COMPLETED", 0.5)):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        (tmp_path / job / "metrics.json").write_text(json.dumps({"val/map_50": value}))
+        write_job_status(tmp_path / job, status, "SIGTERM at epoch 3, step 30; continue ...")
+    jobs = sort_jobs(find_jobs(tmp_path), "val/map_50")
+    assert [(j.name, j.status) for j in jobs] == [("1", OK), ("0", INTERRUPTED)]
+    assert jobs[1].note.startswith("SIGTERM at epoch 3")
