@@ -27,6 +27,7 @@ TINY = {
     "data.batch_size": "2",
     "data.num_workers": "0",
     "trainer.accelerator": "cpu",
+    "trainer.precision": "32-true",  # the same numbers on every CPU (auto: bf16 where native)
     "trainer.max_epochs": "1",
     "trainer.limit_train_batches": "2",
     "trainer.limit_val_batches": "1",

@@ -13,7 +13,7 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ssd_lightning.config import ConfigError
+from ssd_lightning.config import ConfigError, resolvers
 from ssd_lightning.config.compose import instantiate_checked
 from ssd_lightning.config.paths import config_dir
 from ssd_lightning.config.validation import validate_config
@@ -128,6 +128,20 @@ def test_default_recipe(tmp_path: Path) -> None:
     original = make_cfg(["experiment=original"], tmp_path / "run2")
     assert original.data.val_size == 0
     assert original.callbacks.model_checkpoint.monitor == "train/loss"
+
+
+def test_precision_follows_the_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """bf16-mixed where the device computes bf16 natively (a CPU with AMX / AVX512-BF16 here;
+    emulated bf16 would be slower than fp32), else 32-true; an explicit value wins."""
+    for native in (True, False):
+        monkeypatch.setattr(resolvers, "cpu_has_native_bf16", lambda native=native: native)
+        expected = "bf16-mixed" if native else "32-true"
+        assert resolvers.auto_precision("cpu") == expected
+        cfg = make_cfg(["trainer=cpu"], tmp_path / f"run{native}")
+        assert cfg.trainer.precision == expected
+    if not torch.cuda.is_available():
+        assert resolvers.auto_precision("gpu") == "32-true"
+    assert make_cfg(["trainer.precision=32-true"], tmp_path / "r").trainer.precision == "32-true"
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,21 @@ def test_fast_dev_run_default_model(tmp_path: Path) -> None:
     assert metrics["train/num_pos"] > 0
 
 
+def test_bf16_on_the_cpu(tmp_path: Path) -> None:
+    """trainer.precision=bf16-mixed on a CPU (what auto picks on one with AMX): the network
+    trains in channels_last (the fast layout for bf16 there) to finite fp32 weights, and the
+    exported model detects in fp32."""
+    run = tmp_path / "run"
+    metrics = train(make_cfg(tiny("trainer.precision=bf16-mixed"), run))
+    _finite(metrics, "train/loss", "val/loss")
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    conv = state["state_dict"]["net.backbone.stem.0.weight"]
+    assert conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last)
+    net, _ = load_model(run / "ssd_resnet34_pennfudan_best.pt")
+    (det,) = net.detect(torch.rand(1, 3, 128, 128))
+    assert det["boxes"].dtype == torch.float32
+
+
 def test_run_dir_contents(tiny_run: dict) -> None:
     run: Path = tiny_run["dir"]
     assert (run / "config_resolved.yaml").is_file()

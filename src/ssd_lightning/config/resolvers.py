@@ -5,12 +5,15 @@ which every entry point and ``compose`` import first.
 - ``${ssd_monitor:<val_size>}``       the best-checkpoint metric: val/map_50, or train/loss
                                       without a validation split (the original recipe)
 - ``${ssd_monitor_mode:<val_size>}``  max for val/map_50, min for train/loss
-- ``${ssd_precision:<accelerator>}``  bf16-mixed where the run uses a GPU with bf16, else 32-true
+- ``${ssd_precision:<accelerator>}``  bf16-mixed where the device computes bf16 natively (a GPU
+                                     with bf16, a CPU with AMX / AVX512-BF16), else 32-true
 - ``${ssd_options:<group>}``          the options of a config group (for the --help texts)
 """
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,10 +37,25 @@ def monitor_mode(val_size: Any) -> str:
     return "max" if _as_int(val_size, 1) > 0 else "min"
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AMX or AVX512-BF16; Linux's /proc/cpuinfo flags).
+    Elsewhere bf16 is emulated and slower than fp32, so the answer is no."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def auto_precision(accelerator: Any = "auto") -> str:
-    """bf16-mixed where the run will use a GPU that supports it (the fast path), else 32-true."""
-    on_gpu = str(accelerator) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    """bf16-mixed where the run's device computes bf16 natively (the fast path: a GPU with bf16,
+    ~2.8x a fp32 training step on a CPU with AMX), else 32-true."""
+    accelerator = str(accelerator)
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "32-true"
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    return "bf16-mixed" if on_cpu and cpu_has_native_bf16() else "32-true"
 
 
 def register_resolvers() -> None:

@@ -326,7 +326,9 @@ class SSDLitModule(L.LightningModule):
         }
 
     def on_fit_start(self) -> None:
-        if self.device.type == "cuda":  # NHWC convolutions run faster on tensor cores
+        # NHWC convolutions run faster on tensor cores, and bf16 ones on a CPU's AMX units
+        # (~1.4x over NCHW bf16); NHWC weights alone make the convolutions NHWC
+        if self.device.type == "cuda" or "bf16" in str(self.trainer.precision):
             self.net.to(memory_format=torch.channels_last)
         log_hparams_tensorboard(self.trainer, self.hparams_for_logging())
 
