@@ -200,7 +200,7 @@ def test_a_run_ending_with_nonfinite_weights_fails(tmp_path: Path) -> None:
     weights = _nan_resnet34(tmp_path / "nan_resnet34.pt")
     r = run_cli(
         "ssd_lightning.train",
-        *tiny("logger=none", f"model.net.weights={weights}"),
+        *tiny("logger=none", f"model.net.weights={weights}", test_after_fit="true"),
         f"hydra.run.dir={run}",
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -208,6 +208,8 @@ def test_a_run_ending_with_nonfinite_weights_fails(tmp_path: Path) -> None:
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
     assert read_job_status(run)["status"] == "FAILED"
     assert not (run / BEST).exists()
+    assert "test_after_fit: skipped, the run is failed" in r.stdout + r.stderr
+    assert not (run / "eval_metrics.json").exists()
 
 
 def test_summarize_marks_interrupted_jobs(tmp_path: Path) -> None:

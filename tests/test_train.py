@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from ssd_lightning.core.loss import MultiBoxLoss
 from ssd_lightning.core.ssd import SSD
+from ssd_lightning.evaluate import evaluate
 from ssd_lightning.train import train
 from ssd_lightning.training.checkpoint import load_model
 
@@ -60,7 +62,7 @@ def test_run_dir_contents(tiny_run: dict) -> None:
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["global_step"] == 4 and saved["best_monitor"] == "val/map_50"
-    assert saved["status"] == "completed"
+    assert saved["status"] == "completed" and saved["tags"] == ["tiny", "ci"]
     _finite(saved, "train/loss", "val/loss", "val/map", "val/map_50", "val/map_75", "val/mar_100")
     # the exported best model loads without Lightning and records where it comes from
     best = run / "ssd_resnet34_pennfudan_best.pt"
@@ -107,9 +109,30 @@ def test_tensorboard_events(tiny_run: dict) -> None:
     assert hp["lr"].number_value == pytest.approx(1e-3)
     assert hp["batch_size"].number_value == 2
     assert hp["backbone_weights"].string_value.startswith("none")
+    assert hp["tags"].string_value == "tiny,ci"  # one string: TensorBoard's filter matches it
     exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     metric_tags = {m.name.tag for m in exp.experiment.metric_infos}
     assert {"val/map_50", "val/map"} <= metric_tags
+
+
+def test_test_after_fit_equals_evaluate(tiny_run: dict, tmp_path: Path) -> None:
+    """test_after_fit wrote what `python -m ssd_lightning.evaluate ckpt_path=<best.pt>` writes
+    for the run's data (composed from evaluate.yaml as the CLI does): the whole validation split,
+    although the run validated one batch per epoch."""
+    best = tiny_run["dir"] / "ssd_resnet34_pennfudan_best.pt"
+    after_fit = json.loads((tiny_run["dir"] / "eval_metrics.json").read_text())
+    cfg = make_cfg(
+        [f"ckpt_path={best}", "data.batch_size=2", "data.num_workers=0"],
+        tmp_path,
+        "evaluate",
+    )
+    cli = json.loads(json.dumps(evaluate(cfg)))  # as written: -1 stays, NaN would be null
+    assert after_fit["split"] == "val" and after_fit["num_images"] == 50
+    assert after_fit["checkpoint"] == str(best)
+    assert after_fit.keys() == cli.keys()
+    for key, value in cli.items():  # numbers equal up to float noise, the rest exactly
+        expected = pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+        assert after_fit[key] == expected, key
 
 
 def test_resume_continues_exactly(tiny_run: dict, tmp_path: Path) -> None:
@@ -135,11 +158,14 @@ def test_resume_continues_exactly(tiny_run: dict, tmp_path: Path) -> None:
     assert info["epoch"] == metrics["best_epoch"] <= 2
 
 
-def test_no_validation_split_uses_train_loss(tmp_path: Path) -> None:
+def test_no_validation_split_uses_train_loss(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     best_state = tmp_path / "run" / "checkpoints" / "best.ckpt"  # the full state kept too
     cfg = make_cfg(
         tiny(
             "data.val_size=0",
+            "test_after_fit=true",
             f"callbacks.model_checkpoint.checkpoint={best_state}",
             trainer__limit_train_batches=1,
         ),
@@ -147,11 +173,14 @@ def test_no_validation_split_uses_train_loss(tmp_path: Path) -> None:
     )
     assert cfg.callbacks.model_checkpoint.monitor == "train/loss"
     assert cfg.callbacks.model_checkpoint.mode == "min"
-    metrics = train(cfg)
+    with caplog.at_level(logging.INFO, logger="ssd_lightning.train"):
+        metrics = train(cfg)
     assert metrics["best_monitor"] == "train/loss"
     assert Path(metrics["best_model_path"]).is_file()
     assert "val/map_50" not in metrics
     assert (tmp_path / "run" / "ssd_resnet34_pennfudan_best.pt").is_file()
+    assert "test_after_fit: skipped, no validation split (data.val_size=0)" in caplog.text
+    assert not (tmp_path / "run" / "eval_metrics.json").exists()
     full = torch.load(best_state, map_location="cpu", weights_only=True)
     assert full["optimizer_states"] and full["epoch"] == metrics["best_epoch"]
 
