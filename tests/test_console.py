@@ -27,7 +27,7 @@ def test_a_logged_run_has_one_line_per_epoch(tmp_path: Path) -> None:
     assert "  _target_: ssd_lightning.training.lit_module.SSDLitModule" in tree
     assert out.index("config (") < out.index("epoch 1/2")
     assert "\r" not in out  # no bar redraws in a file
-    lines = [ln for ln in out.splitlines() if "ssd_lightning.training.progress" in ln]
+    lines = [ln for ln in out.splitlines() if "][ssd_lightning.training.progress][" in ln]
     assert [ln.split(" - ")[1].split("  ")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
     assert "val/map_50" in lines[-1] and "ETA" in lines[-1]
     assert "litlogger" not in out

@@ -103,7 +103,7 @@ def test_cli_writes_table_csv_markdown_and_chart(
     } <= set(table[0])
     assert float(table[0]["train/loss"]) <= float(table[1]["train/loss"])
     md = (tmp_path / "out" / "summary.md").read_text()
-    assert "| rank | job | status | anchors |" in md and "| failed |" in md
+    assert "| rank | job | status | tags | anchors |" in md and "| failed |" in md
     with Image.open(tmp_path / "out" / "summary.png") as im:
         assert im.format == "PNG" and im.size == (900, round((1.0 + 0.45 * 4) * 100))
 

@@ -11,15 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_cfg, run_cli, tiny
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.data import DataLoader
 
+from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.core.loss import MultiBoxLoss
 from ssd_lightning.core.ssd import SSD
 from ssd_lightning.evaluate import evaluate
 from ssd_lightning.train import train
 from ssd_lightning.training.checkpoint import load_model
+from ssd_lightning.training.run_outputs import run_tags
 
 
 def _finite(metrics: dict, *keys: str) -> None:
@@ -113,6 +116,22 @@ def test_tensorboard_events(tiny_run: dict) -> None:
     exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     metric_tags = {m.name.tag for m in exp.experiment.metric_infos}
     assert {"val/map_50", "val/map"} <= metric_tags
+
+
+def test_tags_are_a_list_of_words() -> None:
+    assert run_tags(OmegaConf.create({"tags": "baseline"})) == ["baseline"]
+    assert run_tags(OmegaConf.create({"tags": ["a", 2]})) == ["a", "2"]
+    assert run_tags(OmegaConf.create({})) == []
+    with pytest.raises(ConfigError, match=r"tags: a list of words, e.g. tags=\[baseline,v2\]"):
+        run_tags(OmegaConf.create({"tags": {"a": 1}}))
+
+
+def test_run_switches_are_checked_before_the_fit(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="test_after_fit: true or false, got 'maybe'"):
+        train(make_cfg(tiny(test_after_fit="maybe"), tmp_path / "a"))
+    with pytest.raises(ConfigError, match="extras.print_config: true or false, got 1"):
+        train(make_cfg(tiny("extras.print_config=1"), tmp_path / "b"))
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_test_after_fit_equals_evaluate(tiny_run: dict, tmp_path: Path) -> None:

@@ -154,10 +154,18 @@ def _stop_on_signals() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
+def _flag(cfg: DictConfig, key: str) -> bool:
+    """A true / false key (absent: false), checked before the fit so a typo fails at once."""
+    value = OmegaConf.select(cfg, key, default=False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: true or false, got {value!r}")
+    return value
+
+
 def _test_after_fit(cfg: DictConfig, output_dir: Path, metrics: dict[str, Any]) -> None:
     """``test_after_fit``: the best model (else last.ckpt) evaluated on the validation split by
     ``evaluate``, written to ``<run dir>/eval_metrics.json``; one log line when skipped."""
-    if not cfg.get("test_after_fit", False):
+    if not _flag(cfg, "test_after_fit"):
         return
     if metrics.get("status") != "completed":
         log.info("test_after_fit: skipped, the run is %s", metrics.get("status"))
@@ -186,13 +194,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.monotonic()
     output_dir = Path(cfg.paths.output_dir)
     validate_config(cfg)  # config mistakes first, then the checkpoint and the run dir
+    print_config = _flag(cfg, "extras.print_config")
+    _flag(cfg, "test_after_fit")
+    run_tags(cfg)
     ckpt_path = start_checkpoint(cfg, output_dir)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     module, datamodule, trainer = build(cfg)
     if trainer.is_global_zero and os.environ.get("LOCAL_RANK", "0") == "0":
         write_resolved_config(cfg, output_dir)
-        if OmegaConf.select(cfg, "extras.print_config", default=False):
+        if print_config:
             log.info("config (%s):\n%s", output_dir / RESOLVED_CONFIG_FILE, resolved_yaml(cfg))
     log.info("run dir: %s (overrides: %s)", output_dir, " ".join(_task_overrides()) or "none")
     if ckpt_path is not None:

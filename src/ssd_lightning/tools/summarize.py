@@ -222,9 +222,11 @@ def rows(
     metrics, note."""
     varying, metric_cols, common = _columns(jobs, metric)
     keys = list(common) + varying if all_overrides else varying
+    tagged = any(j.tags for j in jobs)
+    if tagged:  # a tags=[...] override is the tags column
+        keys = [k for k in keys if k != "tags"]
     show = _short if short else str
     out = []
-    tagged = any(j.tags for j in jobs)
     for rank, j in enumerate(jobs, start=1):
         row = {"rank": str(rank), "job": j.name, "status": j.status}
         if tagged:
