@@ -372,7 +372,7 @@ def test_ddp_cpu_two_processes_one_run_dir(tmp_path: Path) -> None:
     r = run_cli(
         "ssd_lightning.train",
         "trainer=ddp_cpu",
-        *tiny(),
+        *tiny("data.val_size=4", test_after_fit="true"),
         f"hydra.run.dir={run}",
         f"paths.log_dir={tmp_path / 'logs'}",
     )
@@ -382,6 +382,9 @@ def test_ddp_cpu_two_processes_one_run_dir(tmp_path: Path) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     _finite(metrics, "train/loss", "val/loss", "val/map_50", "val/map")
     assert metrics["global_step"] == 2
+    # test_after_fit: rank 0 alone, on one device, after the process group is gone
+    assert json.loads((run / "eval_metrics.json").read_text())["num_images"] == 4
+    assert "test_after_fit: " not in (run / "train_ddp_process_1.log").read_text()
 
 
 def test_ddp_cpu_inside_a_sweep(tmp_path: Path) -> None:
