@@ -170,8 +170,10 @@ def test_an_existing_run_dir_is_not_reused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="already holds a run"):
         start_checkpoint(make_cfg(tiny(), run), run)
     # overwrite=true: start over there, without the previous run's files
+    (run / "eval_metrics.json").write_text("{}")  # its test_after_fit
     assert start_checkpoint(make_cfg(tiny("overwrite=true"), run), run) is None
     assert not (run / "checkpoints").exists() and not (run / "metrics.json").exists()
+    assert not (run / "eval_metrics.json").exists()
 
 
 def test_disk_use_full_state_only_in_last_ckpt(tiny_run: dict) -> None:

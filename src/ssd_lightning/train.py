@@ -42,6 +42,7 @@ from ssd_lightning.training.builders import build
 from ssd_lightning.training.lit_module import NonFiniteWeightsError
 from ssd_lightning.training.resume import refuse_existing_run_dir, resume_argv, start_checkpoint
 from ssd_lightning.training.run_outputs import (
+    EVAL_METRICS_FILE,
     METRICS_FILE,
     RESOLVED_CONFIG_FILE,
     collect_metrics,
@@ -52,8 +53,6 @@ from ssd_lightning.training.run_outputs import (
 )
 
 log = logging.getLogger(__name__)
-
-EVAL_METRICS_FILE = "eval_metrics.json"  # test_after_fit: what `ssd_lightning.evaluate` writes
 
 # Lightning's DDP launcher re-runs this script for ranks > 0 with Hydra's argv. The parent passes
 # its run dir and its job's overrides through these variables, so a child joins the parent's run

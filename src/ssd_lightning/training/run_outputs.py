@@ -21,6 +21,7 @@ from ssd_lightning.training.callbacks import BestModel
 
 METRICS_FILE = "metrics.json"
 RESOLVED_CONFIG_FILE = "config_resolved.yaml"
+EVAL_METRICS_FILE = "eval_metrics.json"  # test_after_fit: what `ssd_lightning.evaluate` writes
 # the metric columns of the HPARAMS tab (TensorBoard shows each one's latest value)
 HPARAM_METRICS = ("val/map_50", "val/map", "train/loss_epoch")
 
