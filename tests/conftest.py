@@ -35,6 +35,7 @@ TINY = {
     "trainer.enable_progress_bar": "false",
     "callbacks.prediction_images.every_n_epochs": "1",
     "callbacks.prediction_images.max_images": "2",
+    "test_after_fit": "false",  # the whole validation split after the fit: tiny_run alone
 }
 
 
@@ -72,11 +73,17 @@ def run_cli(module: str, *args: str, timeout: float = 600) -> subprocess.Complet
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A 2-epoch tiny training run (in-process), shared by the train / CLI / TensorBoard tests."""
+    """A 2-epoch tiny training run (in-process), shared by the train / CLI / TensorBoard tests;
+    tagged and evaluated after the fit (the 50 validation images at 128 px: a few seconds)."""
     from ssd_lightning.train import train
 
     out = tmp_path_factory.mktemp("tiny_run")
-    metrics = train(make_cfg(tiny(trainer__max_epochs=2), out))
+    overrides = tiny(
+        "tags=[tiny,ci]",
+        trainer__max_epochs=2,
+        test_after_fit="true",
+    )
+    metrics = train(make_cfg(overrides, out))
     return {"dir": out, "metrics": metrics}
 
 

@@ -16,12 +16,18 @@ def test_a_logged_run_has_one_line_per_epoch(tmp_path: Path) -> None:
     r = run_cli(
         "ssd_lightning.train",
         *tiny(trainer__max_epochs=2, trainer__enable_progress_bar="true"),
+        "extras.print_config=true",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout + r.stderr
+    # extras.print_config: the resolved tree once, at the start, the file it is saved in named
+    tree = (tmp_path / "run" / "config_resolved.yaml").read_text()
+    assert f"config ({tmp_path / 'run' / 'config_resolved.yaml'}):\n{tree}" in out
+    assert "  _target_: ssd_lightning.training.lit_module.SSDLitModule" in tree
+    assert out.index("config (") < out.index("epoch 1/2")
     assert "\r" not in out  # no bar redraws in a file
-    lines = [ln for ln in out.splitlines() if "ssd_lightning.training.progress" in ln]
+    lines = [ln for ln in out.splitlines() if "][ssd_lightning.training.progress][" in ln]
     assert [ln.split(" - ")[1].split("  ")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
     assert "val/map_50" in lines[-1] and "ETA" in lines[-1]
     assert "litlogger" not in out
@@ -46,6 +52,7 @@ def test_debug_preset_is_debug_for_this_package_and_lightning_only(tmp_path: Pat
         s.startswith(("ssd_lightning", "lightning", "__main__")) for s in sources
     )
     assert not any(s.startswith(("PIL", "matplotlib")) for s in sources)
+    assert "SSDLitModule" not in r.stdout + r.stderr  # extras.print_config is off by default
 
 
 def test_a_config_error_is_printed_once(tmp_path: Path) -> None:

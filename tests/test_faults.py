@@ -142,6 +142,7 @@ def test_evaluate_downloads_when_asked(tmp_path: Path) -> None:
     assert (tmp_path / "fetched" / "PNGImages" / NAMES[0]).is_file()
     metrics = json.loads((out / "eval_metrics.json").read_text())
     assert metrics["num_images"] == 3 and metrics["split"].startswith("all images of")
+    assert f"COCO bbox metrics, 3 images (all images of {tmp_path / 'fetched'})" in r.stdout
 
 
 # -- predict ---------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ def test_a_stopped_run_resumes_exactly(
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["global_step"] == 9
     assert read_job_status(run)["status"] == "COMPLETED"
+    assert json.loads((run / "eval_metrics.json").read_text())["num_images"] == 4
     # the epochs after the resume log the straight run's values; after SIGTERM the resumed
     # epoch's averages cover only its remaining batches, so the full epochs after it compare
     (resumed_events,) = set((run / "tensorboard").glob("events.*")) - events_before
@@ -135,6 +136,8 @@ def test_a_signal_saves_records_and_exits_nonzero(
         "~callbacks.augmentation_preview",
         f"data.num_workers={workers}",
         trainer__max_epochs=3,
+        test_after_fit="true",
+        data__val_size=4,  # what test_after_fit evaluates once the resumed run completes
     )
     proc = start_training(log, *overrides, f"hydra.run.dir={run}")
     last = run / "checkpoints" / "last.ckpt"
@@ -148,6 +151,8 @@ def test_a_signal_saves_records_and_exits_nonzero(
     saved = _state(last)
     assert metrics["status"] == "interrupted"
     assert metrics["global_step"] == saved["global_step"] >= 2  # the state reached is saved
+    assert "test_after_fit: skipped, the run is interrupted" in log.read_text()
+    assert not (run / "eval_metrics.json").exists()
 
     r = run_cli("ssd_lightning.train", f"resume={run}")
     assert r.returncode == 0, r.stderr[-3000:]

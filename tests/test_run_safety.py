@@ -170,8 +170,10 @@ def test_an_existing_run_dir_is_not_reused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="already holds a run"):
         start_checkpoint(make_cfg(tiny(), run), run)
     # overwrite=true: start over there, without the previous run's files
+    (run / "eval_metrics.json").write_text("{}")  # its test_after_fit
     assert start_checkpoint(make_cfg(tiny("overwrite=true"), run), run) is None
     assert not (run / "checkpoints").exists() and not (run / "metrics.json").exists()
+    assert not (run / "eval_metrics.json").exists()
 
 
 def test_disk_use_full_state_only_in_last_ckpt(tiny_run: dict) -> None:
@@ -200,7 +202,7 @@ def test_a_run_ending_with_nonfinite_weights_fails(tmp_path: Path) -> None:
     weights = _nan_resnet34(tmp_path / "nan_resnet34.pt")
     r = run_cli(
         "ssd_lightning.train",
-        *tiny("logger=none", f"model.net.weights={weights}"),
+        *tiny("logger=none", f"model.net.weights={weights}", test_after_fit="true"),
         f"hydra.run.dir={run}",
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -208,6 +210,8 @@ def test_a_run_ending_with_nonfinite_weights_fails(tmp_path: Path) -> None:
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
     assert read_job_status(run)["status"] == "FAILED"
     assert not (run / BEST).exists()
+    assert "test_after_fit: skipped, the run is failed" in r.stdout + r.stderr
+    assert not (run / "eval_metrics.json").exists()
 
 
 def test_summarize_marks_interrupted_jobs(tmp_path: Path) -> None:

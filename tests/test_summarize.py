@@ -24,6 +24,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "-m",
         "anchors=tall_skinny,ssd",
         *tiny(trainer__limit_train_batches=1),
+        "tags=[sweep,tiny]",
         f"hydra.sweep.dir={sweep}",
         f"paths.log_dir={tmp / 'logs'}",
     )
@@ -90,6 +91,7 @@ def test_cli_writes_table_csv_markdown_and_chart(
     with (tmp_path / "out" / "summary.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [r["status"] for r in table] == ["ok", "ok", "failed", "failed"]
+    assert [r["tags"] for r in table] == ["sweep,tiny", "sweep,tiny", "", "sweep,tiny"]
     assert {
         "anchors",
         "val/map_50",
@@ -101,9 +103,21 @@ def test_cli_writes_table_csv_markdown_and_chart(
     } <= set(table[0])
     assert float(table[0]["train/loss"]) <= float(table[1]["train/loss"])
     md = (tmp_path / "out" / "summary.md").read_text()
-    assert "| rank | job | status | anchors |" in md and "| failed |" in md
+    assert "| rank | job | status | tags | anchors |" in md and "| failed |" in md
     with Image.open(tmp_path / "out" / "summary.png") as im:
         assert im.format == "PNG" and im.size == (900, round((1.0 + 0.45 * 4) * 100))
+
+
+def test_tags_column_and_filter(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The run's tags=[...] (metrics.json) are a column; --tag keeps the jobs with all of them."""
+    assert [j.tags for j in find_jobs(sweep)] == [["sweep", "tiny"]] * 2 + [[], ["sweep", "tiny"]]
+    main([str(sweep), "--tag", "sweep", "--tag", "tiny", "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    header = printed.splitlines()[1]  # after the common overrides
+    assert header.split()[:4] == ["rank", "job", "status", "tags"]
+    assert "sweep,tiny" in printed and "dense_tall" not in printed  # job 2 has no tags
+    with pytest.raises(FileNotFoundError, match="no job has these tags; the jobs' tags: sweep, ti"):
+        summarize(sweep, out=tmp_path / "none", tags=["nope"])
 
 
 def test_default_metric_and_out_dir(sweep: Path, tmp_path: Path) -> None:

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_cfg, run_cli, tiny
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.plugins.hparams import plugin_data_pb2
 from torch.utils.data import DataLoader
 
+from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.core.loss import MultiBoxLoss
 from ssd_lightning.core.ssd import SSD
+from ssd_lightning.evaluate import evaluate
 from ssd_lightning.train import train
 from ssd_lightning.training.checkpoint import load_model
+from ssd_lightning.training.run_outputs import run_tags
 
 
 def _finite(metrics: dict, *keys: str) -> None:
@@ -75,7 +80,7 @@ def test_run_dir_contents(tiny_run: dict) -> None:
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["global_step"] == 4 and saved["best_monitor"] == "val/map_50"
-    assert saved["status"] == "completed"
+    assert saved["status"] == "completed" and saved["tags"] == ["tiny", "ci"]
     _finite(saved, "train/loss", "val/loss", "val/map", "val/map_50", "val/map_75", "val/mar_100")
     # the exported best model loads without Lightning and records where it comes from
     best = run / "ssd_resnet34_pennfudan_best.pt"
@@ -122,9 +127,46 @@ def test_tensorboard_events(tiny_run: dict) -> None:
     assert hp["lr"].number_value == pytest.approx(1e-3)
     assert hp["batch_size"].number_value == 2
     assert hp["backbone_weights"].string_value.startswith("none")
+    assert hp["tags"].string_value == "tiny,ci"  # one string: TensorBoard's filter matches it
     exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
     metric_tags = {m.name.tag for m in exp.experiment.metric_infos}
     assert {"val/map_50", "val/map"} <= metric_tags
+
+
+def test_tags_are_a_list_of_words() -> None:
+    assert run_tags(OmegaConf.create({"tags": "baseline"})) == ["baseline"]
+    assert run_tags(OmegaConf.create({"tags": ["a", 2]})) == ["a", "2"]
+    assert run_tags(OmegaConf.create({})) == []
+    with pytest.raises(ConfigError, match=r"tags: a list of words, e.g. tags=\[baseline,v2\]"):
+        run_tags(OmegaConf.create({"tags": {"a": 1}}))
+
+
+def test_run_switches_are_checked_before_the_fit(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="test_after_fit: true or false, got 'maybe'"):
+        train(make_cfg(tiny(test_after_fit="maybe"), tmp_path / "a"))
+    with pytest.raises(ConfigError, match="extras.print_config: true or false, got 1"):
+        train(make_cfg(tiny("extras.print_config=1"), tmp_path / "b"))
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_test_after_fit_equals_evaluate(tiny_run: dict, tmp_path: Path) -> None:
+    """test_after_fit wrote what `python -m ssd_lightning.evaluate ckpt_path=<best.pt>` writes
+    for the run's data (composed from evaluate.yaml as the CLI does): the whole validation split,
+    although the run validated one batch per epoch."""
+    best = tiny_run["dir"] / "ssd_resnet34_pennfudan_best.pt"
+    after_fit = json.loads((tiny_run["dir"] / "eval_metrics.json").read_text())
+    cfg = make_cfg(
+        [f"ckpt_path={best}", "data.batch_size=2", "data.num_workers=0"],
+        tmp_path,
+        "evaluate",
+    )
+    cli = json.loads(json.dumps(evaluate(cfg)))  # as written: -1 stays, NaN would be null
+    assert after_fit["split"] == "val" and after_fit["num_images"] == 50
+    assert after_fit["checkpoint"] == str(best)
+    assert after_fit.keys() == cli.keys()
+    for key, value in cli.items():  # numbers equal up to float noise, the rest exactly
+        expected = pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+        assert after_fit[key] == expected, key
 
 
 def test_resume_continues_exactly(tiny_run: dict, tmp_path: Path) -> None:
@@ -150,11 +192,14 @@ def test_resume_continues_exactly(tiny_run: dict, tmp_path: Path) -> None:
     assert info["epoch"] == metrics["best_epoch"] <= 2
 
 
-def test_no_validation_split_uses_train_loss(tmp_path: Path) -> None:
+def test_no_validation_split_uses_train_loss(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     best_state = tmp_path / "run" / "checkpoints" / "best.ckpt"  # the full state kept too
     cfg = make_cfg(
         tiny(
             "data.val_size=0",
+            "test_after_fit=true",
             f"callbacks.model_checkpoint.checkpoint={best_state}",
             trainer__limit_train_batches=1,
         ),
@@ -162,11 +207,14 @@ def test_no_validation_split_uses_train_loss(tmp_path: Path) -> None:
     )
     assert cfg.callbacks.model_checkpoint.monitor == "train/loss"
     assert cfg.callbacks.model_checkpoint.mode == "min"
-    metrics = train(cfg)
+    with caplog.at_level(logging.INFO, logger="ssd_lightning.train"):
+        metrics = train(cfg)
     assert metrics["best_monitor"] == "train/loss"
     assert Path(metrics["best_model_path"]).is_file()
     assert "val/map_50" not in metrics
     assert (tmp_path / "run" / "ssd_resnet34_pennfudan_best.pt").is_file()
+    assert "test_after_fit: skipped, no validation split (data.val_size=0)" in caplog.text
+    assert not (tmp_path / "run" / "eval_metrics.json").exists()
     full = torch.load(best_state, map_location="cpu", weights_only=True)
     assert full["optimizer_states"] and full["epoch"] == metrics["best_epoch"]
 
@@ -339,7 +387,7 @@ def test_ddp_cpu_two_processes_one_run_dir(tmp_path: Path) -> None:
     r = run_cli(
         "ssd_lightning.train",
         "trainer=ddp_cpu",
-        *tiny(),
+        *tiny("data.val_size=4", test_after_fit="true"),
         f"hydra.run.dir={run}",
         f"paths.log_dir={tmp_path / 'logs'}",
     )
@@ -349,6 +397,9 @@ def test_ddp_cpu_two_processes_one_run_dir(tmp_path: Path) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     _finite(metrics, "train/loss", "val/loss", "val/map_50", "val/map")
     assert metrics["global_step"] == 2
+    # test_after_fit: rank 0 alone, on one device, after the process group is gone
+    assert json.loads((run / "eval_metrics.json").read_text())["num_images"] == 4
+    assert "test_after_fit: " not in (run / "train_ddp_process_1.log").read_text()
 
 
 def test_ddp_cpu_inside_a_sweep(tmp_path: Path) -> None:

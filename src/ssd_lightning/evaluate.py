@@ -15,6 +15,7 @@ Examples::
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,53 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
+# trainer settings of an evaluation: one device, the whole split, nothing written
+_EVAL_TRAINER = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "num_sanity_val_steps": 0,
+    "devices": 1,
+    "num_nodes": 1,
+    "strategy": "auto",
+    "sync_batchnorm": False,
+    "limit_val_batches": None,
+    "overfit_batches": 0.0,
+    "fast_dev_run": False,
+}
+
+
+def run_eval_config(run_cfg: DictConfig, ckpt_path: str | Path, output: str | Path) -> DictConfig:
+    """The evaluate config that matches a training run (``test_after_fit``): this tool's config
+    with the run's data (its root, split, val_size, batch size, ...), evaluation thresholds,
+    loss, seed and device, i.e. ``python -m ssd_lightning.evaluate ckpt_path=<file>`` with those
+    values as overrides. The whole validation split is evaluated (``trainer.limit_val_batches``
+    of the run does not apply)."""
+
+    def plain(key: str) -> Any:
+        return OmegaConf.to_container(OmegaConf.select(run_cfg, key), resolve=True)
+
+    data = {**plain("data"), "augmentation": None, "image_size": None}  # as evaluate.yaml
+    trainer = {**plain("trainer"), **_EVAL_TRAINER}
+    trainer["default_root_dir"] = str(Path(output).parent)
+    return OmegaConf.create(
+        {
+            "ckpt_path": str(ckpt_path),
+            "seed": OmegaConf.select(run_cfg, "seed"),
+            "output": str(output),
+            "data": data,
+            "model": {"evaluate": plain("model.evaluate"), "loss": plain("model.loss")},
+            "trainer": trainer,
+        }
+    )
+
+
+def _print_report(text: str) -> None:
+    print(f"\n{text}")
+
+
+def evaluate(cfg: DictConfig, show: Callable[[str], Any] = _print_report) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on the configured data; returns the COCO metrics (also written
-    to ``cfg.output``)."""
+    to ``cfg.output``). ``show`` receives the report (header, table, file written)."""
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
     net, _ = load_model(ckpt)
     with open_dict(cfg):  # the images must match the network's input size
@@ -97,9 +142,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     if trainer.is_global_zero:
         out = write_metrics_json(cfg.output, metrics)
-        print(f"\nCOCO bbox metrics, {metrics['num_images']} images ({split}), {ckpt}:")
-        print(format_table(metrics))
-        print(f"written to {out}")
+        show(
+            f"COCO bbox metrics, {metrics['num_images']} images ({split}), {ckpt}:\n"
+            f"{format_table(metrics)}\nwritten to {out}"
+        )
     return metrics
 
 

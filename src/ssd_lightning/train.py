@@ -30,19 +30,24 @@ import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.config.cli import exit_with_error, hydra_main
 from ssd_lightning.config.errors import ConfigError, RunInterrupted
 from ssd_lightning.config.job_status import write_job_status
 from ssd_lightning.config.validation import validate_config
+from ssd_lightning.evaluate import evaluate, run_eval_config
 from ssd_lightning.tools.search import check_objective, objective_value
 from ssd_lightning.training.builders import build
 from ssd_lightning.training.lit_module import NonFiniteWeightsError
 from ssd_lightning.training.resume import refuse_existing_run_dir, resume_argv, start_checkpoint
 from ssd_lightning.training.run_outputs import (
+    EVAL_METRICS_FILE,
     METRICS_FILE,
+    RESOLVED_CONFIG_FILE,
     collect_metrics,
+    resolved_yaml,
+    run_tags,
     write_metrics_json,
     write_resolved_config,
 )
@@ -148,6 +153,35 @@ def _stop_on_signals() -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
+def _flag(cfg: DictConfig, key: str) -> bool:
+    """A true / false key (absent: false), checked before the fit so a typo fails at once."""
+    value = OmegaConf.select(cfg, key, default=False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: true or false, got {value!r}")
+    return value
+
+
+def _test_after_fit(cfg: DictConfig, output_dir: Path, metrics: dict[str, Any]) -> None:
+    """``test_after_fit``: the best model (else last.ckpt) evaluated on the validation split by
+    ``evaluate``, written to ``<run dir>/eval_metrics.json``; one log line when skipped."""
+    if not _flag(cfg, "test_after_fit"):
+        return
+    if metrics.get("status") != "completed":
+        log.info("test_after_fit: skipped, the run is %s", metrics.get("status"))
+        return
+    if cfg.data.get("split") is not None and int(cfg.data.get("val_size", 0)) == 0:
+        log.info("test_after_fit: skipped, no validation split (data.val_size=0)")
+        return
+    best = metrics.get("best_model_path")
+    last = output_dir / "checkpoints" / "last.ckpt"
+    model = Path(best) if best and Path(best).is_file() else last
+    if not model.is_file():
+        log.info("test_after_fit: skipped, no model file (%s or %s)", best, last)
+        return
+    log.info("test_after_fit: evaluating %s", model)
+    evaluate(run_eval_config(cfg, model, output_dir / EVAL_METRICS_FILE), show=log.info)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate the config, build data/model/trainer, fit (or resume: ``resume=<run dir>`` /
     ``ckpt_path=``), and return the final metrics (also written to ``<run dir>/metrics.json``,
@@ -159,12 +193,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     started = time.monotonic()
     output_dir = Path(cfg.paths.output_dir)
     validate_config(cfg)  # config mistakes first, then the checkpoint and the run dir
+    print_config = _flag(cfg, "extras.print_config")
+    _flag(cfg, "test_after_fit")
+    run_tags(cfg)
     ckpt_path = start_checkpoint(cfg, output_dir)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     module, datamodule, trainer = build(cfg)
     if trainer.is_global_zero and os.environ.get("LOCAL_RANK", "0") == "0":
         write_resolved_config(cfg, output_dir)
+        if print_config:
+            log.info("config (%s):\n%s", output_dir / RESOLVED_CONFIG_FILE, resolved_yaml(cfg))
     log.info("run dir: %s (overrides: %s)", output_dir, " ".join(_task_overrides()) or "none")
     if ckpt_path is not None:
         log.info("resuming from %s", ckpt_path)
@@ -182,10 +221,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["wall_time_s"] = round(time.monotonic() - started, 3)  # start-up included
     nonfinite = module.nonfinite_state()
     metrics["status"] = "failed" if nonfinite else "interrupted" if stopped_by else "completed"
+    metrics["tags"] = run_tags(cfg)
     if trainer.is_global_zero:
         write_metrics_json(output_dir / METRICS_FILE, metrics)
         shown = {k: v for k, v in metrics.items() if k.startswith(("val/", "train/loss"))}
         log.info("final metrics: %s", json.dumps(shown, sort_keys=True))
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # after DDP: the launching process alone
+            _test_after_fit(cfg, output_dir, metrics)
     if stopped_by is not None:
         name = signal.Signals(stopped_by).name
         message = (

@@ -8,6 +8,9 @@ written to ``<out>/summary.csv``, ``<out>/summary.md`` and ``<out>/summary.png``
 metric). Jobs without a ``metrics.json`` are kept and marked ``failed`` (with the last error line of
 their log when there is one); a job whose metric is missing or not finite is marked ``no metric``.
 
+A job's ``tags`` (the run's ``tags=[...]``, from metrics.json, else its composed config) are a
+column; ``--tag T`` (repeatable) keeps the jobs tagged with every T.
+
 A job's ``job_status.json`` (Hydra's COMPLETED / FAILED with the exception, written by
 ``config.job_status.JobStatusCallback``, or INTERRUPTED by a signal) decides its status when
 present.
@@ -58,6 +61,7 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)
     status: str = OK
     note: str = ""
+    tags: list[str] = field(default_factory=list)
 
     def value(self, column: str) -> float | None:
         keys = dict(METRIC_COLUMNS).get(column, (column,))
@@ -103,6 +107,29 @@ def one_line(error: str) -> str:
     return "; ".join(lines)
 
 
+def _read_tags(job: Job, metrics: dict[str, Any]) -> list[str]:
+    """The run's tags: metrics.json's, else (a run that wrote none) its composed config's."""
+    tags = metrics.get("tags")
+    if tags is None:
+        tags = _job_config(job, "config.yaml", "tags")
+    if isinstance(tags, str):
+        return [tags]
+    return [str(t) for t in tags] if isinstance(tags, list) else []
+
+
+def filter_tags(jobs: Sequence[Job], tags: Sequence[str]) -> list[Job]:
+    """The jobs tagged with every one of ``tags``. Raises FileNotFoundError naming the tags found
+    when none is."""
+    kept = [j for j in jobs if set(tags) <= set(j.tags)]
+    if jobs and not kept:
+        found = sorted({t for j in jobs for t in j.tags})
+        raise FileNotFoundError(
+            f"--tag {' --tag '.join(tags)}: no job has these tags; the jobs' tags: "
+            f"{', '.join(found) or 'none'}"
+        )
+    return kept
+
+
 def find_jobs(multirun_dir: str | Path) -> list[Job]:
     """Every job dir under ``multirun_dir`` (any depth), read. Raises FileNotFoundError with a
     message that names the folder when it is missing or holds no job."""
@@ -122,6 +149,7 @@ def find_jobs(multirun_dir: str | Path) -> list[Job]:
     for d in job_dirs:
         job = Job(name=str(d.relative_to(root)) or ".", path=d, overrides=_read_overrides(d))
         metrics_path = d / "metrics.json"
+        raw: dict[str, Any] = {}
         if metrics_path.is_file():
             try:
                 raw = json.loads(metrics_path.read_text())
@@ -131,6 +159,7 @@ def find_jobs(multirun_dir: str | Path) -> list[Job]:
         else:
             job.status = FAILED
             job.note = _last_error(d) or "no metrics.json (crashed, killed or still running)"
+        job.tags = _read_tags(job, raw)
         hydra_status = read_job_status(d)
         if hydra_status.get("status") == "FAILED":  # Hydra's word wins over a stale metrics.json
             job.status = FAILED
@@ -193,10 +222,15 @@ def rows(
     metrics, note."""
     varying, metric_cols, common = _columns(jobs, metric)
     keys = list(common) + varying if all_overrides else varying
+    tagged = any(j.tags for j in jobs)
+    if tagged:  # a tags=[...] override is the tags column
+        keys = [k for k in keys if k != "tags"]
     show = _short if short else str
     out = []
     for rank, j in enumerate(jobs, start=1):
         row = {"rank": str(rank), "job": j.name, "status": j.status}
+        if tagged:
+            row["tags"] = ",".join(j.tags)
         row.update({k: show(j.overrides.get(k, "")) for k in keys})
         row.update({c: _fmt(j.value(c), c) for c in metric_cols})
         row["note"] = j.note
@@ -323,12 +357,13 @@ def summarize(
     metric: str | None = None,
     out: str | Path | None = None,
     ascending: bool | None = None,
+    tags: Sequence[str] = (),
 ) -> tuple[list[Job], dict[str, Path]]:
     """Read, sort and write the summary of a multirun. Returns (sorted jobs, written files).
     ``metric`` / ``ascending`` default to the search's optimized_metric and direction, else
-    val/map_50 (descending; losses ascending)."""
+    val/map_50 (descending; losses ascending); ``tags``: only the jobs with all of them."""
     root = Path(multirun_dir)
-    found = find_jobs(root)
+    found = filter_tags(find_jobs(root), tags)
     metric, ascending = sort_order(found, metric, ascending)
     jobs = sort_jobs(found, metric, ascending)
     outdir = Path(out) if out is not None else root
@@ -374,6 +409,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{DEFAULT_METRIC}; also: val/map, train/loss, epochs, wall_s)",
     )
     parser.add_argument("--out", default=None, help="output folder (default: the multirun dir)")
+    parser.add_argument(
+        "--tag",
+        dest="tags",
+        action="append",
+        default=[],
+        help="only the jobs with this tag (the run's tags=[...]); repeat for several (all needed)",
+    )
     order = parser.add_mutually_exclusive_group()
     order.add_argument(
         "--ascending",
@@ -389,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="largest first (default otherwise)",
     )
     args = parser.parse_args(argv)
-    jobs, files = summarize(args.multirun_dir, args.metric, args.out, args.ascending)
+    jobs, files = summarize(args.multirun_dir, args.metric, args.out, args.ascending, args.tags)
     metric, ascending = sort_order(jobs, args.metric, args.ascending)
     results = read_results(args.multirun_dir)
     if results is not None:

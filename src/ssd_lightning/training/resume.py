@@ -34,7 +34,7 @@ from ssd_lightning.training.checkpoint import (
     net_config,
     read_checkpoint,
 )
-from ssd_lightning.training.run_outputs import METRICS_FILE
+from ssd_lightning.training.run_outputs import EVAL_METRICS_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def start_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
         if previous and not in_place:  # overwrite=true: no stale best model, metrics or status
             log.warning("overwrite=true: removing the previous run's %s", previous)
             shutil.rmtree(_checkpoint_dir(cfg, output_dir), ignore_errors=True)
-            for path in (*previous, output_dir / JOB_STATUS_FILE):
+            for path in (*previous, output_dir / JOB_STATUS_FILE, output_dir / EVAL_METRICS_FILE):
                 path.unlink(missing_ok=True)
         for directory in (output_dir, _checkpoint_dir(cfg, output_dir)):
             if directory.is_dir():

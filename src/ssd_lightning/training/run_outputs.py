@@ -16,16 +16,31 @@ from torch import Tensor
 from torch.utils.tensorboard.summary import hparams
 
 from ssd_lightning.config.atomic import atomic_write, write_json
+from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.training.callbacks import BestModel
 
 METRICS_FILE = "metrics.json"
 RESOLVED_CONFIG_FILE = "config_resolved.yaml"
+EVAL_METRICS_FILE = "eval_metrics.json"  # test_after_fit: what `ssd_lightning.evaluate` writes
 # the metric columns of the HPARAMS tab (TensorBoard shows each one's latest value)
 HPARAM_METRICS = ("val/map_50", "val/map", "train/loss_epoch")
 
 
 def _choices() -> dict[str, Any]:
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    """The run's ``tags`` as a list of strings (a single value counts as one tag)."""
+    tags = OmegaConf.select(cfg, "tags")
+    if tags is None:
+        return []
+    if isinstance(tags, str | int | float):  # tags=baseline
+        tags = [tags]
+    items = OmegaConf.to_container(tags) if OmegaConf.is_config(tags) else tags
+    if not isinstance(items, list) or not all(isinstance(t, str | int | float) for t in items):
+        raise ConfigError(f"tags: a list of words, e.g. tags=[baseline,v2]; got {tags!r}")
+    return [str(t) for t in items]
 
 
 def run_info(cfg: DictConfig) -> dict[str, Any]:
@@ -55,6 +70,8 @@ def run_info(cfg: DictConfig) -> dict[str, Any]:
         "head_kernel_size": sel(cfg, "model.net.head_kernel_size"),
         "seed": sel(cfg, "seed"),
         "experiment": choices.get("experiment") or "none",
+        # one string: TensorBoard's HPARAMS filter matches it with a regex
+        "tags": ",".join(run_tags(cfg)) or "none",
     }
     return {k: ("none" if v is None else v) for k, v in info.items()}
 
@@ -110,10 +127,15 @@ def write_metrics_json(path: str | Path, metrics: Mapping[str, Any]) -> Path:
     return write_json(path, clean, sort_keys=True)
 
 
+def resolved_yaml(cfg: DictConfig) -> str:
+    """The job's config (Hydra's own left out) as YAML, every interpolation resolved."""
+    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return OmegaConf.to_yaml(job_cfg, resolve=True)
+
+
 def write_resolved_config(cfg: DictConfig, output_dir: Path) -> Path:
     """``<run dir>/config_resolved.yaml``: the job's config with every interpolation resolved."""
-    job_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     path = output_dir / RESOLVED_CONFIG_FILE
     with atomic_write(path) as tmp:
-        tmp.write_text(OmegaConf.to_yaml(job_cfg, resolve=True))
+        tmp.write_text(resolved_yaml(cfg))
     return path
