@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -33,6 +32,7 @@ from ssd_lightning.data.presets import (
     build_train_transform,
     needs_masks,
 )
+from ssd_lightning.data.workers import ignore_stop_signals, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - the legacy global RNG is what third-party code uses
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignore_stop_signals()  # see data/workers.py
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -308,6 +307,7 @@ class PennFudanDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
             collate_fn=collate,
             worker_init_fn=seed_worker,
+            multiprocessing_context=worker_context(workers),
             generator=generator,
         )
 

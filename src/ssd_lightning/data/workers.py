@@ -1,0 +1,54 @@
+"""DataLoader workers that a stop signal cannot kill.
+
+A cluster's time limit or Ctrl-C signals the whole process group. The main process then finishes
+its batch, saves and shuts the workers down; a worker must not die of the signal first, or the
+main process fails with "DataLoader worker exited unexpectedly" instead of saving. torch installs
+its own SIGTERM handler in a new worker (one that kills the worker) before the worker_init_fn can
+ignore the signal, so a signal in that window used to kill it: workers now start with SIGINT and
+SIGTERM blocked, and ``ignore_stop_signals`` ignores, then unblocks them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+import signal
+import sys
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+class _ShieldedForkProcess(multiprocessing.context.ForkProcess):
+    def start(self) -> None:
+        # the child inherits the signal mask at fork; the parent gets any signal right after
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class ShieldedForkContext(multiprocessing.context.ForkContext):
+    """The fork start method, with SIGINT / SIGTERM blocked in new processes."""
+
+    Process = _ShieldedForkProcess
+
+
+def worker_context(num_workers: int) -> multiprocessing.context.BaseContext | None:
+    """The DataLoader's ``multiprocessing_context``: shielded fork where fork is the start method
+    (Linux), else None (the platform's default; the window stays open there)."""
+    if num_workers == 0 or not hasattr(signal, "pthread_sigmask") or sys.platform == "win32":
+        return None
+    if multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
+        return None
+    if multiprocessing.get_context().get_start_method() != "fork":
+        return None
+    return ShieldedForkContext()
+
+
+def ignore_stop_signals() -> None:
+    """In a worker: ignore SIGINT / SIGTERM, then let them through (a pending one is dropped)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
