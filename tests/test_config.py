@@ -144,6 +144,16 @@ def test_precision_follows_the_device(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert make_cfg(["trainer.precision=32-true"], tmp_path / "r").trainer.precision == "32-true"
 
 
+def test_clipping_a_fused_optimizer_in_mixed_precision_is_refused(tmp_path: Path) -> None:
+    """Lightning would stop at the first step; the experiments that clip use unfused optimizers."""
+    bf16 = ["trainer.precision=bf16-mixed", "model.net.weights=none", "data.preload=false"]
+    cfg = make_cfg([*bf16, "trainer.gradient_clip_val=5"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="optimizer.fused=false"):
+        validate_config(cfg)
+    for experiment in ("scratch", "sgd_cosine"):
+        validate_config(make_cfg([*bf16, f"experiment={experiment}"], tmp_path / experiment))
+
+
 @pytest.mark.parametrize(
     ("override", "expected"),
     [

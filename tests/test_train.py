@@ -60,11 +60,11 @@ def test_fast_dev_run_default_model(tmp_path: Path) -> None:
 
 
 def test_bf16_on_the_cpu(tmp_path: Path) -> None:
-    """trainer.precision=bf16-mixed on a CPU (what auto picks on one with AMX): the network
-    trains in channels_last (the fast layout for bf16 there) to finite fp32 weights, and the
-    exported model detects in fp32."""
+    """trainer.precision=bf16-mixed on a CPU (what auto picks on one with AMX), with the scratch
+    recipe (AdamW, warm-up cosine, gradient clipping): the network trains in channels_last (the
+    fast layout for bf16 there) to finite fp32 weights, and the exported model detects in fp32."""
     run = tmp_path / "run"
-    metrics = train(make_cfg(tiny("trainer.precision=bf16-mixed"), run))
+    metrics = train(make_cfg(tiny("experiment=scratch", "trainer.precision=bf16-mixed"), run))
     _finite(metrics, "train/loss", "val/loss")
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     conv = state["state_dict"]["net.backbone.stem.0.weight"]

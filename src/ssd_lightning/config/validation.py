@@ -61,6 +61,16 @@ def _optimizer_errors(cfg: DictConfig) -> list[str]:
         instantiate(node)(params=[torch.zeros(1, requires_grad=True)])
     except Exception as e:  # noqa: BLE001 - whatever the constructor rejects is a config error
         return [f"optimizer: {e}"]
+    clip, precision = _get(cfg, "trainer.gradient_clip_val"), str(_get(cfg, "trainer.precision"))
+    mixed = "mixed" in precision or precision in ("16", "bf16")
+    if clip and mixed and _get(cfg, "model.optimizer.fused"):
+        # Lightning's mixed-precision plugin refuses to clip what a fused optimizer unscales
+        return [
+            f"trainer.gradient_clip_val={clip} with optimizer.fused=true under "
+            f"trainer.precision={precision}: Lightning cannot clip the gradients of a fused "
+            "optimizer in mixed precision; set optimizer.fused=false (one host sync per step) "
+            "or trainer.gradient_clip_val=null"
+        ]
     return []
 
 
