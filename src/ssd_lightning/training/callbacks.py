@@ -279,6 +279,13 @@ class BestModel(Callback):
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         value = trainer.callback_metrics.get(self.monitor)
+        metrics = trainer.callback_metrics
+        if (
+            value is None
+            and self.monitor.startswith("val/")
+            and not any(k.startswith("val/") for k in metrics)
+        ):
+            return  # no validation yet (trainer.check_val_every_n_epoch > 1): nothing to judge
         if value is None:
             logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
             raise ConfigError(
