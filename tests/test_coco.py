@@ -399,3 +399,15 @@ def test_cli_bad_coco_is_one_message(tmp_path):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert lines[-1].startswith("Data error:") and "unknown category_id 9" in lines[-1]
     assert "Traceback" not in r.stderr
+
+
+def test_cli_missing_coco_file_is_one_message(tmp_path):
+    r = run_cli(
+        "ssd_lightning.train",
+        "data=coco",
+        f"data.train_json={tmp_path / 'nope.json'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 2, r.stderr
+    last = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1]
+    assert last.startswith("Data error:") and "nope.json: no such file" in last
