@@ -126,8 +126,9 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
                 return task(cfg)
             except InterpolationResolutionError as e:
                 # a resolver's own user error (e.g. ${ssd_coco_classes:} reading a bad file)
-                if isinstance(e.__cause__, _ALL_USER_ERRORS):
-                    raise e.__cause__ from None
+                inner = e.__cause__ or e.__context__
+                if isinstance(inner, _ALL_USER_ERRORS):
+                    raise inner from None
                 raise
         except _ALL_USER_ERRORS as e:
             kind = kind_of(e)
