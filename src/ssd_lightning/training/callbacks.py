@@ -279,13 +279,14 @@ class BestModel(Callback):
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         value = trainer.callback_metrics.get(self.monitor)
-        metrics = trainer.callback_metrics
-        if (
-            value is None
-            and self.monitor.startswith("val/")
-            and not any(k.startswith("val/") for k in metrics)
-        ):
-            return  # no validation yet (trainer.check_val_every_n_epoch > 1): nothing to judge
+        # no validation yet in a run that validates every n > 1 epochs: nothing to judge now
+        waiting = (
+            self.monitor.startswith("val/")
+            and trainer.check_val_every_n_epoch not in (None, 1)
+            and not any(k.startswith("val/") for k in trainer.callback_metrics)
+        )
+        if value is None and waiting:
+            return
         if value is None:
             logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
             raise ConfigError(
