@@ -58,7 +58,9 @@ def test_collate_pads_boxes_with_a_mask():
         "orig_sizes",
         "names",
         "fallback",
+        "crowd",  # COCO iscrowd flags of evaluation batches; None without any
     }
+    assert b.crowd is None
     assert b.images.shape == (3, 3, S, S) and b.images.dtype == torch.float32
     assert type(b.images) is torch.Tensor and type(b.boxes) is torch.Tensor
     assert b.boxes.shape == (3, 3, 4) and b.labels.shape == (3, 3) and b.mask.dtype == torch.bool

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ssd_lightning.config.cli import hydra_main
 from ssd_lightning.config.compose import instantiate_checked
+from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.training.checkpoint import load_model
 from ssd_lightning.training.lit_module import SSDLitModule
 from ssd_lightning.training.run_outputs import write_metrics_json
@@ -98,6 +99,15 @@ def run_eval_config(run_cfg: DictConfig, ckpt_path: str | Path, output: str | Pa
     )
 
 
+def format_per_class(per_class: dict[str, float]) -> str:
+    """Per-class AP@[.50:.95] rows (-1, no GT of that class, as n/a)."""
+    width = max(len(n) for n in per_class)
+    return "\n".join(
+        f"  AP   @[IoU=0.50:0.95] {name:<{width}} = {'  n/a' if v < 0 else f'{v:.3f}'}"
+        for name, v in per_class.items()
+    )
+
+
 def _print_report(text: str) -> None:
     print(f"\n{text}")
 
@@ -106,7 +116,7 @@ def evaluate(cfg: DictConfig, show: Callable[[str], Any] = _print_report) -> dic
     """Evaluate ``cfg.ckpt_path`` on the configured data; returns the COCO metrics (also written
     to ``cfg.output``). ``show`` receives the report (header, table, file written)."""
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
-    net, _ = load_model(ckpt)
+    net, info = load_model(ckpt)
     with open_dict(cfg):  # the images must match the network's input size
         cfg.data.image_size = int(net.image_size)
     if cfg.get("seed") is not None:
@@ -116,12 +126,27 @@ def evaluate(cfg: DictConfig, show: Callable[[str], Any] = _print_report) -> dic
         loss=instantiate_checked(cfg.model.loss, "model.loss"),
         evaluate=OmegaConf.to_container(cfg.model.evaluate),
     )
+    with open_dict(cfg):  # the data's classes are the checkpoint's, not checked against config
+        cfg.data.num_classes = None
     datamodule = instantiate_checked(cfg.data, "data")
+    names = list(info.get("class_names") or datamodule.class_names)
+    if len(datamodule.class_names) != net.num_classes:
+        raise ConfigError(
+            f"ckpt_path={ckpt}: the model has {net.num_classes - 1} class(es) "
+            f"({', '.join(names[1:])}) but the data has {len(datamodule.class_names) - 1} "
+            f"({', '.join(datamodule.class_names[1:])})"
+        )
+    if names != datamodule.class_names:
+        log.warning(
+            "the model's classes (%s) differ in name from the data's (%s); matched by label",
+            ", ".join(names[1:]),
+            ", ".join(datamodule.class_names[1:]),
+        )
+    module.class_names = names
     trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=[])
     datamodule.prepare_data()  # verify (and with data.download=true fetch) the images
     datamodule.setup("validate")
-    every_image = cfg.data.get("split") is None
-    use_val = every_image or int(cfg.data.get("val_size", 1)) > 0
+    use_val = datamodule.val_set is not None
     loader = datamodule.val_dataloader() if use_val else datamodule.test_dataloader()
     if not use_val:
         log.warning("data.val_size=0: evaluating on every image, including the training images")
@@ -131,7 +156,9 @@ def evaluate(cfg: DictConfig, show: Callable[[str], Any] = _print_report) -> dic
     }
     if results and "val/loss" in results[0]:
         metrics["val/loss"] = float(results[0]["val/loss"])
-    split = f"all images of {datamodule.root}" if every_image else ("val" if use_val else "all")
+    split = datamodule.split_description(use_val)
+    if module.last_map_per_class:
+        metrics["map_per_class"] = dict(module.last_map_per_class)
     metrics.update(
         checkpoint=str(ckpt),
         split=split,
@@ -142,9 +169,12 @@ def evaluate(cfg: DictConfig, show: Callable[[str], Any] = _print_report) -> dic
     )
     if trainer.is_global_zero:
         out = write_metrics_json(cfg.output, metrics)
+        per_class = ""
+        if module.last_map_per_class:
+            per_class = f"\nper class:\n{format_per_class(module.last_map_per_class)}"
         show(
             f"COCO bbox metrics, {metrics['num_images']} images ({split}), {ckpt}:\n"
-            f"{format_table(metrics)}\nwritten to {out}"
+            f"{format_table(metrics)}{per_class}\nwritten to {out}"
         )
     return metrics
 

@@ -87,11 +87,14 @@ def prediction_grid(
     detections: Sequence[dict[str, Tensor]],
     gt_boxes: Sequence[Tensor],
     ncols: int = 4,
+    class_names: Sequence[str] = CLASS_NAMES,
 ) -> Tensor:
     """A grid image uint8 (3,H',W') of ``images`` (n,3,S,S) with their detections and ground
-    truth drawn (boxes in the images' pixels), e.g. for TensorBoard."""
+    truth drawn (boxes in the images' pixels), e.g. for TensorBoard; the class names are written
+    where there is more than one class."""
+    show_class = len(class_names) > 2
     drawn = [  # drawing is per image by nature; a handful of images every few epochs
-        draw_detections(img, det, gt, show_class=False)
+        draw_detections(img, det, gt, class_names=class_names, show_class=show_class)
         for img, det, gt in zip(images, detections, gt_boxes, strict=True)
     ]
     return make_grid(drawn, nrow=min(ncols, len(drawn)), padding=4)

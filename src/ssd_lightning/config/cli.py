@@ -25,7 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 import ssd_lightning.config.resolvers  # noqa: F401 - the ${ssd_*:} resolvers, before composing
 from ssd_lightning.config.errors import (
@@ -122,7 +122,14 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
     def run(cfg: DictConfig) -> Any:
         route_library_logs()
         try:
-            return task(cfg)
+            try:
+                return task(cfg)
+            except InterpolationResolutionError as e:
+                # a resolver's own user error (e.g. ${ssd_coco_classes:} reading a bad file)
+                inner = e.__cause__ or e.__context__
+                if isinstance(inner, _ALL_USER_ERRORS):
+                    raise inner from None
+                raise
         except _ALL_USER_ERRORS as e:
             kind = kind_of(e)
             _log_to_files(f"{kind}: {message_of(e)}")

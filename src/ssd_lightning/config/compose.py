@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict, read_write
+from omegaconf.errors import InterpolationResolutionError
 
 import ssd_lightning.config.resolvers  # noqa: F401 - registers the ${ssd_*:} resolvers
 from ssd_lightning.config.errors import ConfigError
@@ -52,13 +53,28 @@ def compose(
     return cfg
 
 
+def _own_error(e: BaseException) -> BaseException | None:
+    """The project's own exception behind a Hydra / OmegaConf wrapper, if that is what it is."""
+    inner = e.__cause__ or e.__context__
+    if inner is not None and type(inner).__module__.startswith("ssd_lightning."):
+        return inner
+    return None
+
+
 def instantiate_checked(node: Any, key: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that turns a constructor's ValueError / TypeError into a
     ``ConfigError`` naming the config key, without Hydra's wrapping."""
     try:
         return instantiate(node, **kwargs)
+    except InterpolationResolutionError as e:
+        own = _own_error(e)  # a resolver's (e.g. ${ssd_coco_classes:} on a missing file)
+        if own is not None:
+            raise own from None
+        raise
     except InstantiationException as e:
         cause = e.__cause__
+        if _own_error(e) is not None and not isinstance(cause, ValueError | TypeError):
+            raise cause from None  # the project's own error (a data error) names its input
         # Lightning's MisconfigurationException (e.g. trainer=gpu without a GPU) is a config error
         if isinstance(cause, ValueError | TypeError) or (
             type(cause).__name__ == "MisconfigurationException"

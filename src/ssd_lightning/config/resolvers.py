@@ -8,6 +8,8 @@ which every entry point and ``compose`` import first.
 - ``${ssd_precision:<accelerator>}``  bf16-mixed where the device computes bf16 natively (a GPU
                                      with bf16, a CPU with AMX / AVX512-BF16), else 32-true
 - ``${ssd_options:<group>}``          the options of a config group (for the --help texts)
+- ``${ssd_coco_classes:<train_json>}`` K + 1 for the K categories of a COCO file: the data's
+                                      ``num_classes``, which ``model.net.num_classes`` follows
 """
 
 from __future__ import annotations
@@ -22,19 +24,20 @@ from omegaconf import OmegaConf
 from ssd_lightning.config.paths import available_options, project_root
 
 
-def _as_int(value: Any, default: int) -> int:
+def _has_validation(val_size: Any) -> bool:
+    # a count (Penn-Fudan, COCO) or a fraction (COCO's split); unset counts as validation
     try:
-        return int(value)
+        return float(val_size) > 0
     except (TypeError, ValueError):
-        return default
+        return True
 
 
 def monitor(val_size: Any) -> str:
-    return "val/map_50" if _as_int(val_size, 1) > 0 else "train/loss"
+    return "val/map_50" if _has_validation(val_size) else "train/loss"
 
 
 def monitor_mode(val_size: Any) -> str:
-    return "max" if _as_int(val_size, 1) > 0 else "min"
+    return "max" if _has_validation(val_size) else "min"
 
 
 @functools.cache
@@ -58,11 +61,19 @@ def auto_precision(accelerator: Any = "auto") -> str:
     return "bf16-mixed" if on_cpu and cpu_has_native_bf16() else "32-true"
 
 
+def coco_classes(train_json: Any) -> int:
+    # imported on use: reading a dataset is the data package's job, and only data=coco asks
+    from ssd_lightning.data.coco import coco_num_classes
+
+    return coco_num_classes(str(train_json))
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ssd_root", lambda: str(project_root()), replace=True)
     OmegaConf.register_new_resolver("ssd_monitor", monitor, replace=True)
     OmegaConf.register_new_resolver("ssd_monitor_mode", monitor_mode, replace=True)
     OmegaConf.register_new_resolver("ssd_precision", auto_precision, replace=True)
+    OmegaConf.register_new_resolver("ssd_coco_classes", coco_classes, replace=True)
     OmegaConf.register_new_resolver(
         "ssd_options", lambda group: ", ".join(available_options(group)), replace=True
     )

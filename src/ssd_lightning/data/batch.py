@@ -8,7 +8,7 @@ batched matcher needs no per-image loop. Box format: xyxy in network-input pixel
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Self
 
 import torch
@@ -27,6 +27,9 @@ class TargetBatch:
     orig_sizes: Tensor  # (B,2) int64 (height, width) of the original image
     names: list[str]  # file names
     fallback: Tensor  # (B,) int64: 0 none, 1 re-run without crop, 2 resize-only largest box
+    # (B,G) bool, True = a crowd region (COCO iscrowd; evaluation batches only): no training
+    # target, and neither a hit nor a miss in the mAP. None: no crowd in the batch
+    crowd: Tensor | None = field(default=None, kw_only=True)
 
     def __len__(self) -> int:
         return self.boxes.shape[0]
@@ -87,7 +90,19 @@ def _targets(samples: Sequence[tuple[Any, dict]]) -> dict[str, Any]:
         ),
         "names": [t["name"] for _, t in samples],
         "fallback": torch.tensor([int(t.get("fallback", 0)) for _, t in samples]),
+        "crowd": _crowd(samples, g),
     }
+
+
+def _crowd(samples: Sequence[tuple[Any, dict]], g: int) -> Tensor | None:
+    """(B,G) bool crowd flags padded like the boxes, or None when no sample has any."""
+    if not any("crowd" in t and bool(t["crowd"].any()) for _, t in samples):
+        return None
+    crowd = torch.zeros(len(samples), g, dtype=torch.bool)
+    for i, (_, t) in enumerate(samples):
+        if "crowd" in t:
+            crowd[i, : len(t["crowd"])] = t["crowd"]
+    return crowd
 
 
 def collate_fn(samples: Sequence[tuple[Tensor, dict]]) -> Batch:

@@ -1,4 +1,6 @@
-"""`PennFudanDataModule`: verified vendored data, committed split, v2 pipelines, padded batches.
+"""DataModules: `DetectionDataModule` (v2 pipelines, the seeded training stream, loaders, the GPU
+data path) and `PennFudanDataModule` (verified vendored data, committed split); the COCO one is
+`data.coco_datamodule.CocoDataModule`.
 
 Batches are `batch.Batch`: images (B,3,S,S) float [0,1], boxes (B,G,4) xyxy in network-input
 pixels [0,S] (train: after augmentation; val/test: resized ground truth), orig_sizes (H,W).
@@ -16,16 +18,31 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ssd_lightning.config.paths import data_dir
 from ssd_lightning.core.plain import to_plain
 from ssd_lightning.data.batch import PlanBatch, collate_fn, plan_collate
-from ssd_lightning.data.dataset import PennFudanDataset
+from ssd_lightning.data.dataset import (
+    CLASS_NAMES,
+    DetectionDataset,
+    PennFudanDataset,
+    load_instances,
+)
 from ssd_lightning.data.download import URL, download_pennfudan
 from ssd_lightning.data.gpu.pixels import GpuAugmenter
 from ssd_lightning.data.gpu.plan import GpuPlanDataset, unplannable_steps
-from ssd_lightning.data.manifest import list_image_names, load_json, split_names, verify_dataset
+from ssd_lightning.data.manifest import (
+    IMAGE_DIR,
+    MASK_DIR,
+    list_image_names,
+    load_json,
+    mask_name,
+    split_names,
+    verify_dataset,
+)
 from ssd_lightning.data.presets import (
     build_eval_transform,
     build_fallbacks,
@@ -117,31 +134,27 @@ def _choice(key: str, value: Any, allowed: tuple) -> Any:
     return value
 
 
-class PennFudanDataModule(L.LightningDataModule):
-    """Penn-Fudan train/val/test loaders from the committed split.
+def _check_int(key: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"data.{key}={value!r}: allowed values are integers >= {low}")
 
-    val_size: 50 = the committed validation list; 0 = no validation, all 170 images train (the
-    original design; `val_dataloader()` returns [] and Lightning skips validation, the test set
-    is then all 170 images); other values take the first `val_size` names of the split file's
-    seeded order, so a smaller set is a subset of the committed 50.
-    root, manifest, split: the dataset folder, its manifest and split file. With ``root`` None
-    all three default to the vendored dataset (data/); otherwise a ``split`` of None means every
-    image under `root` (another dataset in the Penn-Fudan layout, e.g. for evaluation:
-    `data.root=<dir> data.split=null data.verify=none`).
-    verify: quick (names + sizes) | full (sha256) | none. download: fetch the official archive
-    into `root` if it is missing (offline this fails within `download_timeout` seconds).
+
+class DetectionDataModule(L.LightningDataModule):
+    """What the DataModules of every dataset share: the v2 pipelines, the seeded and resumable
+    training stream, the loaders and the GPU data path. A subclass reads its dataset: it builds
+    ``train_set`` / ``val_set`` / ``test_set`` (``DetectionDataset``) in ``setup``, names its
+    classes (``class_names``, index = label, 0 = background) and gives ``training_boxes``.
+
     augmentation: an augmentation preset (conf/augmentation/<name>.yaml); None = resize only.
     gpu_augment: true | false | auto (= on when training on a GPU): the training loader yields
     only boxes and drawn augmentation parameters, and `on_after_batch_transfer` does the pixel
     work batched on the device (see data/gpu/). The CPU path is the reference.
+    num_classes: the model's (``model.net.num_classes`` follows it): checked against the
+    dataset's classes + background when given.
     """
 
     def __init__(
         self,
-        root: str | Path | None = None,
-        manifest: str | Path | None = None,
-        split: str | Path | None = None,
-        val_size: int = 50,
         image_size: int = 300,
         batch_size: int = 16,
         num_workers: int = 2,
@@ -149,61 +162,66 @@ class PennFudanDataModule(L.LightningDataModule):
         persistent_workers: bool = False,
         seed: int | None = 0,
         augmentation: Mapping | None = None,
-        verify: str = "quick",
-        download: bool = False,
-        download_url: str = URL,
-        download_sha256: str | None = None,
-        download_timeout: float = 5.0,
         preload: bool = True,
         drop_last: bool = False,
         gpu_augment: bool | str = "auto",
     ) -> None:
         super().__init__()
-        self.verify = _choice("data.verify", verify, _VERIFY)
         self.pin_memory_option = _choice("data.pin_memory", pin_memory, (True, False, "auto"))
         self.gpu_augment = _choice("data.gpu_augment", gpu_augment, (True, False, "auto"))
         for key, value, low in (
             ("batch_size", batch_size, 1),
             ("num_workers", num_workers, 0),
             ("image_size", image_size, 16),
-            ("val_size", val_size, 0),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"data.{key}={value!r}: allowed values are integers >= {low}")
-        if root is None:  # the vendored dataset
-            root = data_dir() / "PennFudanPed"
-            manifest = manifest or data_dir() / "pennfudan_manifest.json"
-            split = split or data_dir() / "pennfudan_split.json"
-        self.root = Path(root)
-        self.manifest = None if manifest is None else Path(manifest)
-        self.split = None if split is None else Path(split)
-        self.val_size, self.image_size = val_size, image_size
+            _check_int(key, value, low)
+        self.image_size = image_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.persistent_workers = bool(persistent_workers)
         self.seed = None if seed is None else int(seed)
         self.augmentation = None if augmentation is None else to_plain(augmentation)
-        self.download = bool(download)
-        self.download_url, self.download_sha256 = download_url, download_sha256
-        self.download_timeout = float(download_timeout)
         self.preload, self.drop_last = bool(preload), bool(drop_last)
         # the pipelines are built now: a bad augmentation value fails at start-up, not in a worker
         antialias = (self.augmentation or {}).get("antialias", True)
         self.train_transform = build_train_transform(self.augmentation, image_size)
         self.fallbacks = build_fallbacks(self.augmentation, image_size)
         self.eval_transform = build_eval_transform(image_size, antialias=antialias)
-        # a split file that cannot give val_size images fails here, before the model is built
-        self._split = None if self.split is None else load_json(self.split)
-        if self._split is not None:
-            split_names(self._split, self.val_size)
         self.gpu_augmenter: GpuAugmenter | None = None
         self._train_sampler: EpochSeededSampler | None = None
         self._resume_position: tuple[int, int] | None = (
             None  # (epoch, samples done), see load_state_dict
         )
-        self._verified = False
-        self.train_set: PennFudanDataset | None = None
-        self.val_set: PennFudanDataset | None = None
-        self.test_set: PennFudanDataset | None = None
+        self.train_set: DetectionDataset | None = None
+        self.val_set: DetectionDataset | None = None
+        self.test_set: DetectionDataset | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """Index = label; 0 = background."""
+        return list(CLASS_NAMES)
+
+    @staticmethod
+    def _check_num_classes(num_classes: int | None, class_names: list[str], source: str) -> None:
+        if num_classes is not None and num_classes != len(class_names):
+            raise ValueError(
+                f"data.num_classes={num_classes!r}: {source} has {len(class_names) - 1} "
+                f"class(es) ({', '.join(class_names[1:])}), so the model needs "
+                f"{len(class_names)} (with the background); leave model.net.num_classes and "
+                "data.num_classes to follow the dataset"
+            )
+
+    def training_boxes(self) -> Tensor:
+        """GT boxes of the training split, (G, 4) xyxy normalized to their image."""
+        raise NotImplementedError
+
+    def split_description(self, use_val: bool) -> str:
+        """What ``evaluate`` ran on, for its table's title."""
+        return "val" if use_val else "all"
+
+    def _preloaded(self, ds: DetectionDataset) -> DetectionDataset:
+        if self.preload:  # decode images and masks once here, so forked workers inherit them
+            ds.preload()
+        return ds
 
     @property
     def pin_memory(self) -> bool:
@@ -211,68 +229,6 @@ class PennFudanDataModule(L.LightningDataModule):
         if self.pin_memory_option == "auto":
             return torch.cuda.is_available()
         return bool(self.pin_memory_option)
-
-    # -- data on disk -------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        if self.download and not (self.root / "PNGImages").is_dir():
-            download_pennfudan(
-                self.root, self.download_url, self.download_sha256, self.download_timeout
-            )
-        self._verify()
-
-    def _verify(self) -> None:
-        if not self._verified and self.verify != "none":
-            if self.manifest is None:
-                raise ValueError("data.verify: needs data.manifest (or data.verify=none)")
-            verify_dataset(self.root, self.manifest, full=self.verify == "full")
-        self._verified = True
-
-    def _names(self) -> tuple[list[str], list[str]]:
-        """(train, val) file names."""
-        if self._split is None:  # another dataset root: every image is evaluated
-            names = list_image_names(self.root)
-            return names, names
-        return split_names(self._split, self.val_size)
-
-    # -- datasets -----------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        """Build the datasets `stage` needs (all for None): evaluating decodes no training set."""
-        self._verify()
-        train_names, val_names = self._names()
-        if stage in (None, "fit") and self.train_set is None:
-            if self._split is None:
-                warnings.warn(
-                    f"data.split=null: training and validating on every image under {self.root}",
-                    stacklevel=2,
-                )
-            self.train_set = self._dataset(train_names, self.train_transform, self.fallbacks, True)
-        if self.val_set is None and val_names:
-            self.val_set = self._dataset(val_names, self.eval_transform)
-        if self.test_set is None:
-            if self.val_set is not None:
-                self.test_set = self.val_set
-            else:
-                warnings.warn(
-                    "data.val_size=0: no held-out images; the test set is all training images",
-                    stacklevel=2,
-                )
-                self.test_set = self._dataset(train_names, self.eval_transform)
-
-    def _dataset(
-        self,
-        names: list[str],
-        transform: Callable,
-        fallbacks: list | None = None,
-        train: bool = False,
-    ) -> PennFudanDataset:
-        # only the augmented training boxes are recomputed from the masks
-        masks = train and needs_masks(self.augmentation)
-        ds = PennFudanDataset(
-            self.root, names, transform, fallbacks or [], skip_empty=train, with_masks=masks
-        )
-        if self.preload:  # decode images and masks once here, so forked workers inherit them
-            ds.preload()
-        return ds
 
     # -- loaders ------------------------------------------------------------------------------
     def _loader(self, ds: Dataset, train: bool, collate: Callable = collate_fn) -> DataLoader:
@@ -367,3 +323,152 @@ class PennFudanDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         self.setup("predict")
         return self._loader(self.test_set, train=False)
+
+
+class PennFudanDataModule(DetectionDataModule):
+    """Penn-Fudan train/val/test loaders from the committed split.
+
+    val_size: 50 = the committed validation list; 0 = no validation, all 170 images train (the
+    original design; `val_dataloader()` returns [] and Lightning skips validation, the test set
+    is then all 170 images); other values take the first `val_size` names of the split file's
+    seeded order, so a smaller set is a subset of the committed 50.
+    root, manifest, split: the dataset folder, its manifest and split file. With ``root`` None
+    all three default to the vendored dataset (data/); otherwise a ``split`` of None means every
+    image under `root` (another dataset in the Penn-Fudan layout, e.g. for evaluation:
+    `data.root=<dir> data.split=null data.verify=none`).
+    verify: quick (names + sizes) | full (sha256) | none. download: fetch the official archive
+    into `root` if it is missing (offline this fails within `download_timeout` seconds).
+    The other arguments: see ``DetectionDataModule``.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        manifest: str | Path | None = None,
+        split: str | Path | None = None,
+        val_size: int = 50,
+        image_size: int = 300,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        pin_memory: bool | str = "auto",
+        persistent_workers: bool = False,
+        seed: int | None = 0,
+        augmentation: Mapping | None = None,
+        verify: str = "quick",
+        download: bool = False,
+        download_url: str = URL,
+        download_sha256: str | None = None,
+        download_timeout: float = 5.0,
+        preload: bool = True,
+        drop_last: bool = False,
+        gpu_augment: bool | str = "auto",
+        num_classes: int | None = None,
+    ) -> None:
+        self.verify = _choice("data.verify", verify, _VERIFY)
+        _check_int("val_size", val_size, 0)
+        super().__init__(
+            image_size,
+            batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            seed,
+            augmentation,
+            preload,
+            drop_last,
+            gpu_augment,
+        )
+        self._check_num_classes(num_classes, self.class_names, "Penn-Fudan")
+        if root is None:  # the vendored dataset
+            root = data_dir() / "PennFudanPed"
+            manifest = manifest or data_dir() / "pennfudan_manifest.json"
+            split = split or data_dir() / "pennfudan_split.json"
+        self.root = Path(root)
+        self.manifest = None if manifest is None else Path(manifest)
+        self.split = None if split is None else Path(split)
+        self.val_size = val_size
+        self.download = bool(download)
+        self.download_url, self.download_sha256 = download_url, download_sha256
+        self.download_timeout = float(download_timeout)
+        # a split file that cannot give val_size images fails here, before the model is built
+        self._split = None if self.split is None else load_json(self.split)
+        if self._split is not None:
+            split_names(self._split, self.val_size)
+        self._verified = False
+
+    # -- data on disk -------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.download and not (self.root / "PNGImages").is_dir():
+            download_pennfudan(
+                self.root, self.download_url, self.download_sha256, self.download_timeout
+            )
+        self._verify()
+
+    def _verify(self) -> None:
+        if not self._verified and self.verify != "none":
+            if self.manifest is None:
+                raise ValueError("data.verify: needs data.manifest (or data.verify=none)")
+            verify_dataset(self.root, self.manifest, full=self.verify == "full")
+        self._verified = True
+
+    def _names(self) -> tuple[list[str], list[str]]:
+        """(train, val) file names."""
+        if self._split is None:  # another dataset root: every image is evaluated
+            names = list_image_names(self.root)
+            return names, names
+        return split_names(self._split, self.val_size)
+
+    # -- datasets -----------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets `stage` needs (all for None): evaluating decodes no training set."""
+        self._verify()
+        train_names, val_names = self._names()
+        if stage in (None, "fit") and self.train_set is None:
+            if self._split is None:
+                warnings.warn(
+                    f"data.split=null: training and validating on every image under {self.root}",
+                    stacklevel=2,
+                )
+            self.train_set = self._dataset(train_names, self.train_transform, self.fallbacks, True)
+        if self.val_set is None and val_names:
+            self.val_set = self._dataset(val_names, self.eval_transform)
+        if self.test_set is None:
+            if self.val_set is not None:
+                self.test_set = self.val_set
+            else:
+                warnings.warn(
+                    "data.val_size=0: no held-out images; the test set is all training images",
+                    stacklevel=2,
+                )
+                self.test_set = self._dataset(train_names, self.eval_transform)
+
+    def _dataset(
+        self,
+        names: list[str],
+        transform: Callable,
+        fallbacks: list | None = None,
+        train: bool = False,
+    ) -> PennFudanDataset:
+        # only the augmented training boxes are recomputed from the masks
+        masks = train and needs_masks(self.augmentation)
+        ds = PennFudanDataset(
+            self.root, names, transform, fallbacks or [], skip_empty=train, with_masks=masks
+        )
+        return self._preloaded(ds)
+
+    def training_boxes(self) -> Tensor:
+        """GT boxes of the training split, (G, 4) xyxy normalized to their image (read from the
+        mask files and the image headers: no pixel decode)."""
+        train = self._names()[0]
+        out = []
+        for name in train:
+            with Image.open(self.root / IMAGE_DIR / name) as im:  # header only
+                w, h = im.size
+            boxes, _, _ = load_instances(str(self.root / MASK_DIR / mask_name(name)))
+            out.append(boxes / torch.tensor([w, h, w, h], dtype=torch.float32))
+        return torch.cat(out)
+
+    def split_description(self, use_val: bool) -> str:
+        if self._split is None:
+            return f"all images of {self.root}"
+        return super().split_description(use_val)

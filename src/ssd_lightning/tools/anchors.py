@@ -20,32 +20,22 @@ from pathlib import Path
 import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from torch import Tensor
 from torchvision.ops import box_convert, box_iou
 
-from ssd_lightning.config.compose import compose
+from ssd_lightning.config.compose import compose, instantiate_checked
 from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.config.paths import config_dir, project_root
 from ssd_lightning.config.validation import validate_config
 from ssd_lightning.core.anchors import AnchorPairs, anchor_pairs, generate_anchors
 from ssd_lightning.core.backbone import ResNet34Backbone
-from ssd_lightning.data.dataset import load_instances
-from ssd_lightning.data.manifest import mask_name, split_names
 from ssd_lightning.visualize import plot_anchor_shapes
 
 
 def training_boxes(cfg: DictConfig) -> Tensor:
-    """GT boxes of the training split, (G, 4) xyxy normalized to the image."""
-    root = Path(cfg.data.root)
-    train, _ = split_names(cfg.data.split, cfg.data.val_size)
-    out = []
-    for name in train:
-        with Image.open(root / "PNGImages" / name) as im:  # header only: no pixel decode
-            w, h = im.size
-        boxes, _, _ = load_instances(str(root / "PedMasks" / mask_name(name)))
-        out.append(boxes / torch.tensor([w, h, w, h], dtype=torch.float32))
-    return torch.cat(out)
+    """GT boxes of the training split, (G, 4) xyxy normalized to the image (any dataset: the
+    configured DataModule reads them)."""
+    return instantiate_checked(cfg.data, "data").training_boxes()
 
 
 def feature_sizes(image_size: int) -> list[tuple[int, int]]:

@@ -61,7 +61,7 @@ def check_objective(cfg: DictConfig) -> str | None:
             "val/mar_100, val/loss, train/loss"
         )
     val_size = OmegaConf.select(cfg, "data.val_size", default=1)
-    if metric.startswith("val/") and val_size is not None and int(val_size) == 0:
+    if metric.startswith("val/") and val_size is not None and float(val_size) == 0:
         raise ConfigError(
             f"optimized_metric={metric}: data.val_size=0 trains without a validation split, so "
             "no val/ metric is logged; use train/loss (hydra.sweeper.direction=minimize) or "

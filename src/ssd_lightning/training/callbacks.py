@@ -139,7 +139,8 @@ class PredictionImages(Callback):
         tensorboards = _tensorboards(trainer)
         if not tensorboards or trainer.global_rank != 0 or self._batch is None:
             return
-        grid = prediction_grid(*self._detect(pl_module), ncols=self.ncols)
+        names = getattr(pl_module, "class_names", CLASS_NAMES)
+        grid = prediction_grid(*self._detect(pl_module), ncols=self.ncols, class_names=names)
         for tb in tensorboards:
             tb.experiment.add_image(f"{self._source}/predictions", grid, trainer.global_step)
 
@@ -161,6 +162,7 @@ class PredictionImages(Callback):
                 images,
                 dets,
                 gts,
+                class_names=getattr(pl_module, "class_names", CLASS_NAMES),
                 ncols=self.ncols,
                 title=f"{self._source} predictions (red, score >= {score}) and GT (green), "
                 f"step {step}",
@@ -277,6 +279,14 @@ class BestModel(Callback):
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         value = trainer.callback_metrics.get(self.monitor)
+        # no validation yet in a run that validates every n > 1 epochs: nothing to judge now
+        waiting = (
+            self.monitor.startswith("val/")
+            and trainer.check_val_every_n_epoch not in (None, 1)
+            and not any(k.startswith("val/") for k in trainer.callback_metrics)
+        )
+        if value is None and waiting:
+            return
         if value is None:
             logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
             raise ConfigError(
@@ -305,7 +315,7 @@ class BestModel(Callback):
             {
                 "predict": dict(pl_module.predict_cfg),
                 "evaluate": dict(pl_module.eval_cfg),
-                "class_names": list(CLASS_NAMES),
+                "class_names": list(getattr(pl_module, "class_names", CLASS_NAMES)),
                 "epoch": int(trainer.current_epoch),
                 "global_step": int(trainer.global_step),
                 "source": source,

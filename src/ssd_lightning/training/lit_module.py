@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torchmetrics.detection import MeanAveragePrecision
 
-from ssd_lightning.config.errors import RunFailed
+from ssd_lightning.config.errors import ConfigError, RunFailed
 from ssd_lightning.core.loss import MultiBoxLoss
 from ssd_lightning.core.postprocess import (
     EVALUATE_DEFAULTS,
@@ -32,6 +32,7 @@ from ssd_lightning.core.postprocess import (
 )
 from ssd_lightning.core.ssd import SSD
 from ssd_lightning.core.step import forward_with_loss
+from ssd_lightning.data.dataset import CLASS_NAMES
 from ssd_lightning.training.checkpoint import CKPT_KEY
 from ssd_lightning.training.run_outputs import log_hparams_tensorboard
 
@@ -110,9 +111,15 @@ class SSDLitModule(L.LightningModule):
             },
             logger=False,
         )
+        # per-class AP where there is more than one class (evaluate prints it beside the table)
         self.val_map = MeanAveragePrecision(
-            box_format="xyxy", iou_type="bbox", backend=map_backend()
+            box_format="xyxy",
+            iou_type="bbox",
+            backend=map_backend(),
+            class_metrics=int(net.num_classes) > 2,
         )
+        # index = label; the training data's (set in setup), saved with the model
+        self.class_names: list[str] = list(CLASS_NAMES)
         self.nonfinite_total = 0  # steps skipped, as last read from the device counters
         # device-side counters, read rarely (see on_before_optimizer_step)
         self._nonfinite_total = torch.zeros(())
@@ -123,6 +130,17 @@ class SSDLitModule(L.LightningModule):
         self._state_buffers: list[list[Tensor]] = []
         self._buffers_before: list[Tensor] | None = None
         self.last_map: dict[str, float] = {}  # every scalar of the last mAP computation
+        self.last_map_per_class: dict[str, float] = {}  # class name -> AP (several classes)
+
+    def setup(self, stage: str) -> None:
+        names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
+        if names:  # the data decides what the labels mean
+            if len(names) != self.net.num_classes:
+                raise ConfigError(
+                    f"model.net.num_classes={self.net.num_classes} but the data has "
+                    f"{len(names) - 1} class(es) + background ({', '.join(names[1:])})"
+                )
+            self.class_names = list(names)
 
     # ---------------------------------------------------------------------------------------------
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -130,8 +148,9 @@ class SSDLitModule(L.LightningModule):
         return self.net(images)
 
     def _step(self, batch: Any) -> tuple[Tensor, Tensor, Any]:
+        mask = batch.mask if batch.crowd is None else batch.mask & ~batch.crowd  # crowd: no target
         return forward_with_loss(
-            self.net, self.criterion, batch.images, batch.boxes, batch.labels, batch.mask
+            self.net, self.criterion, batch.images, batch.boxes, batch.labels, mask
         )
 
     @staticmethod
@@ -253,10 +272,14 @@ class SSDLitModule(L.LightningModule):
         hw = batch.orig_sizes.to(batch.boxes)  # (B,2) (h, w)
         scale = torch.stack([hw[:, 1] / w, hw[:, 0] / h, hw[:, 1] / w, hw[:, 0] / h], -1)
         boxes = batch.boxes * scale[:, None]  # (B,G,4) xyxy original pixels
-        return [
+        targets = [
             {"boxes": b[m], "labels": lab[m]}
             for b, lab, m in zip(boxes, batch.labels, batch.mask, strict=True)
         ]
+        if batch.crowd is not None:  # COCO's rule: a detection on a crowd region is ignored
+            for t, c, m in zip(targets, batch.crowd, batch.mask, strict=True):
+                t["iscrowd"] = c[m].long()
+        return targets
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         loc, logits, out = self._step(batch)
@@ -280,6 +303,13 @@ class SSDLitModule(L.LightningModule):
             for k, v in result.items()
             if isinstance(v, Tensor) and v.numel() == 1 and k != "classes"
         }
+        self.last_map_per_class = {}
+        if self.val_map.class_metrics:  # (C,) APs of the classes seen, in result["classes"]
+            names = self.class_names
+            classes = result["classes"].reshape(-1).tolist()
+            aps = result["map_per_class"].reshape(-1).tolist()
+            for c, ap in zip(classes, aps, strict=True):
+                self.last_map_per_class[names[c] if 0 <= c < len(names) else str(c)] = ap
         # Only scalars are logged: per-class / per-size entries are tensors or -1 placeholders.
         # sync_dist only averages identical values; it keeps Lightning's DDP check quiet
         for k in MAP_KEYS:
@@ -361,9 +391,11 @@ class SSDLitModule(L.LightningModule):
             "predict": dict(self.predict_cfg),
             "evaluate": dict(self.eval_cfg),
             "nonfinite_total": self.nonfinite_total,
+            "class_names": list(self.class_names),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_total = int(checkpoint.get(CKPT_KEY, {}).get("nonfinite_total", 0))
+        self.class_names = list(checkpoint.get(CKPT_KEY, {}).get("class_names") or self.class_names)
         self._nonfinite_total = torch.tensor(float(self.nonfinite_total))
         self._nonfinite_streak = torch.zeros(())

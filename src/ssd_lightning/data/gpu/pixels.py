@@ -119,4 +119,5 @@ class GpuAugmenter:
             orig_sizes=plan.orig_sizes,
             names=plan.names,
             fallback=plan.fallback,
+            crowd=plan.crowd,
         )

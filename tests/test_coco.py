@@ -1,0 +1,413 @@
+"""data=coco: the COCO reader against the Penn-Fudan reader on the same images, a multi-class
+COCO dataset learned end to end (train, predict, evaluate), and every bad input's message."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import PENNFUDAN, make_cfg, run_cli, tiny
+from PIL import Image, ImageDraw
+from torchvision.ops import box_iou
+
+from ssd_lightning.data.batch import collate_fn
+from ssd_lightning.data.coco import (
+    CocoDataset,
+    CocoFormatError,
+    read_coco,
+    rle_counts,
+    rle_decode,
+    rle_encode,
+)
+from ssd_lightning.data.coco_datamodule import CocoDataModule
+from ssd_lightning.data.convert import pennfudan_to_coco
+from ssd_lightning.data.dataset import PennFudanDataset
+from ssd_lightning.data.gpu.plan import GpuPlanDataset
+from ssd_lightning.data.presets import build_eval_transform, build_fallbacks, build_train_transform
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO = ROOT / "data" / "pennfudan_coco"  # the committed conversion (python -m ...data.convert)
+IMAGES = PENNFUDAN / "PNGImages"
+NAMES = ["FudanPed00001.png", "FudanPed00002.png", "PennPed00010.png", "PennPed00020.png"]
+
+
+# -- the RLE codec --------------------------------------------------------------------------------
+def test_rle_round_trips_and_reads_compressed_strings():
+    # column-major runs, background first: [[0, 1], [1, 1]] -> 1 background, 3 foreground
+    mask = np.array([[0, 1], [1, 1]], dtype=bool)
+    assert rle_encode(mask, compress=False)["counts"] == [1, 3]
+    assert rle_encode(mask)["counts"] == "13"
+    assert rle_counts("13") == [1, 3]
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        m = rng.random((int(rng.integers(1, 12)), int(rng.integers(1, 12)))) > 0.6
+        assert np.array_equal(rle_decode(rle_encode(m)), m)
+        assert np.array_equal(rle_decode(rle_encode(m, compress=False)), m)
+
+
+# -- the two readers on the same images -----------------------------------------------------------
+def test_conversion_is_the_committed_one_and_gives_the_pennfudan_samples():
+    val = json.loads((COCO / "val.json").read_text())
+    names = [im["file_name"] for im in val["images"][:6]]
+    fresh = pennfudan_to_coco(PENNFUDAN, names)
+    committed_ids = {im["id"] for im in val["images"][:6]}
+    assert fresh["images"] == val["images"][:6]
+    assert [a["bbox"] for a in fresh["annotations"]] == [
+        a["bbox"] for a in val["annotations"] if a["image_id"] in committed_ids
+    ]
+    ann = read_coco(COCO / "val.json", IMAGES)
+    coco = CocoDataset(ann, range(12), with_masks=True)  # a dozen: decoding is the cost
+    pf = PennFudanDataset(PENNFUDAN, coco.names, with_masks=True)
+    assert coco.class_names == ["background", "pedestrian"]
+    for i in range(len(coco)):
+        _, a = coco.raw(i)
+        _, b = pf.raw(i)
+        assert (a["boxes"] - b["boxes"]).abs().max() <= 1.0  # exact, in fact
+        assert torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["mask_runs"], b["mask_runs"])  # RLE -> the same instance masks
+
+
+def test_same_val_map_from_the_same_checkpoint(tiny_run: dict, tmp_path: Path):
+    from ssd_lightning.evaluate import evaluate
+
+    ckpt = f"ckpt_path={tiny_run['dir'] / 'checkpoints' / 'last.ckpt'}"
+    common = ["data.num_workers=0", "data.batch_size=10", "trainer.accelerator=cpu"]
+    common += ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=2"]
+    out = {}
+    for data in ("pennfudan", "coco"):
+        cfg = make_cfg([ckpt, f"data={data}", f"output={tmp_path / data}.json", *common],
+                       tmp_path / data, "evaluate")  # fmt: skip
+        out[data] = evaluate(cfg)
+    for key in ("map", "map_50", "map_75", "mar_100", "val/loss", "num_images"):
+        assert out["coco"][key] == pytest.approx(out["pennfudan"][key], abs=1e-6), key
+    assert out["coco"]["num_images"] == 50
+
+
+def test_anchor_report_on_coco_measures_its_training_boxes(compose_cfg):
+    from ssd_lightning.tools.anchors import report
+
+    cfg = compose_cfg(["data=coco", "anchors=ssd"])
+    rep = report(cfg)
+    train = json.loads((COCO / "train.json").read_text())
+    assert rep["coverage"]["boxes"] == len(train["annotations"])
+    assert 0 < rep["coverage"]["bpr"] <= 1
+
+
+# -- a multi-class dataset --------------------------------------------------------------------
+PED, DISC, SQUARE = 7, 3, 12  # category ids of any value
+
+
+def _free_spot(rng, taken: list[list[float]], w: int, h: int, side: int) -> list[int]:
+    """The square of ``side`` overlapping the boxes ``taken`` least, of 200 seeded draws."""
+    xy = np.stack([rng.integers(0, w - side, 200), rng.integers(0, h - side, 200)], 1)
+    cand = torch.tensor(np.concatenate([xy, xy + side], 1), dtype=torch.float)  # (200, 4)
+    overlap = box_iou(cand, torch.tensor(taken, dtype=torch.float)).max(1).values
+    return [int(v) for v in cand[int(overlap.argmin())].tolist()]
+
+
+def make_shapes_dataset(out: Path) -> dict[str, Any]:
+    """Two Penn-Fudan images (three pedestrians, as RLE) with a blue disc (polygon) and a red
+    square (boxes only) pasted on each, one crowd region; category ids 7 / 3 / 12."""
+    rng = np.random.default_rng(0)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True)
+    blob = pennfudan_to_coco(PENNFUDAN, NAMES[:2])  # few images: a short CPU run learns them
+    anns = [{**a, "category_id": PED} for a in blob["annotations"]]
+    for im in blob["images"]:
+        img = Image.open(IMAGES / im["file_name"]).convert("RGB")
+        w, h = img.size
+        draw = ImageDraw.Draw(img)
+        taken = [
+            [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+            for a in anns
+            if a["image_id"] == im["id"]
+        ]
+        side = int(0.25 * min(w, h))
+        for cat in (DISC, SQUARE):
+            x0, y0, x1, y1 = _free_spot(rng, taken, w, h, side)
+            taken.append([x0, y0, x1, y1])
+            ann = {"id": len(anns) + 1, "image_id": im["id"], "category_id": cat, "iscrowd": 0}
+            ann["bbox"] = [x0, y0, side, side]
+            if cat == DISC:
+                t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+                r = side / 2
+                poly = np.stack([x0 + r + r * np.cos(t), y0 + r + r * np.sin(t)], 1)
+                draw.polygon([tuple(p) for p in poly], fill=(30, 60, 230))
+                ann["segmentation"] = [poly.reshape(-1).round(1).tolist()]
+            else:
+                draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=(230, 40, 30))
+            anns.append(ann)
+        img.save(images_dir / im["file_name"])
+    first = blob["images"][0]  # a crowd region: left out of training, ignored by the mAP
+    crowd = np.zeros((first["height"], first["width"]), dtype=bool)
+    crowd[:20, :20] = True
+    anns.append(
+        {
+            "id": len(anns) + 1,
+            "image_id": first["id"],
+            "category_id": PED,
+            "iscrowd": 1,
+            "bbox": [0, 0, 20, 20],
+            "segmentation": rle_encode(crowd, compress=False),
+        }
+    )
+    categories = [
+        {"id": SQUARE, "name": "square"},
+        {"id": PED, "name": "pedestrian"},
+        {"id": DISC, "name": "disc"},
+    ]
+    data = {"images": blob["images"], "annotations": anns, "categories": categories}
+    (out / "train.json").write_text(json.dumps(data))
+    return {"images_dir": images_dir, "json": out / "train.json", "blob": data}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"))
+
+
+def test_categories_map_to_contiguous_labels_and_crowd_is_kept_apart(shapes):
+    ann = read_coco(shapes["json"], shapes["images_dir"])
+    assert ann.category_ids == [DISC, PED, SQUARE]
+    assert ann.class_names == ["background", "disc", "pedestrian", "square"]
+    train = CocoDataset(ann, train=True, with_masks=True)
+    val = CocoDataset(ann, transforms=build_eval_transform(128))
+    _, t_train = train.raw(0)
+    assert "crowd" not in t_train and len(t_train["boxes"]) == len(t_train["mask_runs"])
+    batch = collate_fn([val[i] for i in range(len(val))])
+    assert batch.crowd is not None and int(batch.crowd.sum()) == 1
+    assert int(batch.mask.sum()) == len(shapes["blob"]["annotations"])
+    assert set(batch.labels[batch.mask].tolist()) == {1, 2, 3}
+    # the mask-tight boxes: the disc's polygon rasterized, the square (no segmentation) filled
+    disc = t_train["labels"] == 1
+    from ssd_lightning.data.mask_runs import visible_boxes
+
+    tight, _ = visible_boxes(t_train["mask_runs"])
+    assert (tight[disc] - t_train["boxes"][disc]).abs().max() <= 1.5
+
+
+def test_gpu_plan_path_takes_coco_masks(shapes):
+    aug = {"name": "t", "crop": {"type": "safe_choice"}, "tight_boxes": {}, "hflip_p": 0.5}
+    from ssd_lightning.config.paths import load_option
+
+    aug = load_option("augmentation", "safe_crop")
+    ann = read_coco(shapes["json"], shapes["images_dir"])
+    cpu = CocoDataset(
+        ann, None, build_train_transform(aug, 128), build_fallbacks(aug, 128), True, True
+    )
+    plans = GpuPlanDataset(cpu)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        _, t = cpu[seed % len(cpu)]
+        torch.manual_seed(seed)
+        _, t2 = plans[seed % len(cpu)]
+        assert torch.equal(t["boxes"], t2["boxes"]) and torch.equal(t["labels"], t2["labels"])
+
+
+def _found_per_class(detections: list[dict], blob: dict) -> dict[str, list[int]]:
+    """class -> [found, total] over the images: a GT box is found by a detection of its class
+    with IoU >= 0.5."""
+    names = {c["id"]: c["name"] for c in blob["categories"]}
+    out: dict[str, list[int]] = {n: [0, 0] for n in names.values()}
+    by_file = {r["file"].rsplit("/", 1)[-1]: r for r in detections}
+    for im in blob["images"]:
+        dets = by_file[im["file_name"]]["detections"]
+        for a in blob["annotations"]:
+            if a["image_id"] != im["id"] or a["iscrowd"]:
+                continue
+            x, y, w, h = a["bbox"]
+            gt = torch.tensor([[x, y, x + w, y + h]], dtype=torch.float)
+            name = names[a["category_id"]]
+            same = [d["box_xyxy"] for d in dets if d["class"] == name]
+            hit = bool(same) and box_iou(gt, torch.tensor(same)).max() >= 0.5
+            out[name][0] += int(hit)
+            out[name][1] += 1
+    return out
+
+
+@pytest.mark.slow  # ~2.5 min on 2 idle cores (60 steps at 192 px)
+def test_multiclass_coco_learns_every_class_then_predicts_and_evaluates(shapes, tmp_path):
+    """A short CPU run (resize only, two images, 3 classes) finds every box of every class on
+    its training images; predict names the classes, evaluate gives per-class AP."""
+    from ssd_lightning.evaluate import evaluate
+    from ssd_lightning.predict import predict
+    from ssd_lightning.train import train
+
+    epochs = 60
+    data = [
+        "data=coco",
+        f"data.images_dir={shapes['images_dir']}",
+        f"data.train_json={shapes['json']}",
+        f"data.val_json={shapes['json']}",  # evaluated on its training images
+        "augmentation=none",
+        "anchors=ssd",  # the shapes are square
+    ]
+    overrides = tiny(
+        *data,
+        model__net__image_size=192,
+        data__batch_size=2,
+        trainer__max_epochs=epochs,
+        trainer__limit_train_batches=1,
+        trainer__check_val_every_n_epoch=epochs,
+        callbacks__prediction_images__every_n_epochs=epochs,
+        callbacks__prediction_images__max_images=2,
+        callbacks__last_checkpoint__every_n_epochs=epochs,  # one write, not one per epoch
+    )
+    run = tmp_path / "run"
+    metrics = train(make_cfg(overrides, run))
+    assert metrics["status"] == "completed"
+    best = run / "ssd_resnet34_pennfudan_best.pt"
+    from ssd_lightning.training.checkpoint import load_model
+
+    net, info = load_model(best)
+    assert net.num_classes == 4
+    assert info["class_names"] == ["background", "disc", "pedestrian", "square"]
+    assert load_model(run / "checkpoints" / "last.ckpt")[1]["class_names"] == info["class_names"]
+
+    result = predict(best, shapes["images_dir"], tmp_path / "pred")
+    assert result["class_names"] == info["class_names"]
+    found = _found_per_class(result["images"], shapes["blob"])
+    assert all(f == t and t > 0 for f, t in found.values()), found
+    written = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert {d["class"] for r in written["images"] for d in r["detections"]} == {
+        "disc",
+        "pedestrian",
+        "square",
+    }
+
+    cfg = make_cfg(
+        [f"ckpt_path={best}", *data[:4], "data.num_workers=0", "trainer.accelerator=cpu"],
+        tmp_path / "eval",
+        "evaluate",
+    )
+    ev = evaluate(cfg)
+    assert set(ev["map_per_class"]) == {"disc", "pedestrian", "square"}
+    assert all(ap > 0 for ap in ev["map_per_class"].values()), ev["map_per_class"]
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def _write(tmp_path: Path, blob: Any, name: str = "bad.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(blob))
+    return path
+
+
+def _small() -> dict:
+    return {
+        "images": [{"id": 1, "file_name": NAMES[0], "height": 536, "width": 559}],
+        "annotations": [{"id": 10, "image_id": 1, "category_id": 5, "bbox": [160, 180, 140, 250]}],
+        "categories": [{"id": 5, "name": "person"}],
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda b: b["images"][0].update(file_name="nope.png"), "images[0] (id 1): image file"),
+        (
+            lambda b: b["annotations"][0].update(category_id=9),
+            "annotations[0] (id 10): unknown category_id 9 (the categories are 5)",
+        ),  # fmt: skip
+        (
+            lambda b: b["images"].append(dict(b["images"][0], file_name=NAMES[1])),
+            "images[1]: duplicate image id 1 (also images[0])",
+        ),  # fmt: skip
+        (lambda b: b.update(images=[], annotations=[]), "an empty dataset"),
+        (lambda b: b.pop("categories"), "not a COCO detection file"),
+        (lambda b: b["annotations"][0].update(bbox=[1, 2, 3]), "annotations[0] (id 10): 'bbox'"),
+        (lambda b: b["annotations"][0].update(image_id=4), "image_id 4 is not the id of any"),
+    ],
+)
+def test_bad_files_name_the_file_and_the_entry(tmp_path, change, message):
+    blob = _small()
+    change(blob)
+    path = _write(tmp_path, blob)
+    with pytest.raises(CocoFormatError) as e:
+        read_coco(path, IMAGES)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_not_json_or_not_coco(tmp_path):
+    for text in ("{not json", "[1, 2]", json.dumps({"images": {}})):
+        path = tmp_path / "x.json"
+        path.write_text(text)
+        with pytest.raises(CocoFormatError, match=str(path)):
+            read_coco(path, IMAGES)
+    with pytest.raises(CocoFormatError, match="no such file"):
+        read_coco(tmp_path / "missing.json", IMAGES)
+
+
+def test_boxes_outside_or_without_size_are_clipped_or_dropped_and_counted(tmp_path, caplog):
+    blob = _small()
+    a = blob["annotations"][0]
+    blob["annotations"] += [
+        dict(a, id=11, bbox=[500, 400, 100, 200]),  # partly outside: clipped to 559 x 536
+        dict(a, id=12, bbox=[10, 10, 0, 20]),  # no width: dropped
+        dict(a, id=13, bbox=[10, 10, 20, -3]),  # negative height: dropped
+        dict(a, id=14, bbox=[600, 600, 10, 10]),  # wholly outside: dropped
+    ]
+    path = _write(tmp_path, blob)
+    with caplog.at_level(logging.WARNING, logger="ssd_lightning.data.coco"):
+        ann = read_coco(path, IMAGES)
+    assert ann.clipped == 1 and ann.dropped == 3
+    assert f"{path}: 1 box(es) clipped to their image, 3 dropped" in caplog.text
+    assert ann.images[0].boxes.tolist() == [[160, 180, 300, 430], [500, 400, 559, 536]]
+
+
+def test_an_image_of_another_size_than_its_entry_is_named(tmp_path):
+    blob = _small()
+    blob["images"][0]["height"] = 500
+    ds = CocoDataset(read_coco(_write(tmp_path, blob), IMAGES))
+    with pytest.raises(CocoFormatError, match="image id 1 says 500x559"):
+        ds.raw(0)
+
+
+def test_seeded_split_is_recorded_and_reused(tmp_path):
+    blob = pennfudan_to_coco(PENNFUDAN, NAMES * 1)
+    shutil.copy(COCO / "val.json", tmp_path / "all.json")
+    kwargs = dict(images_dir=IMAGES, train_json=tmp_path / "all.json", val_size=10, preload=False)
+    m = CocoDataModule(num_workers=0, **kwargs)
+    m.setup("fit")
+    assert (tmp_path / "all_split.json").is_file() and len(m.val_set) == 10
+    again = CocoDataModule(num_workers=0, split_seed=1, **kwargs)  # the recorded split wins
+    again.setup("fit")
+    assert again.val_set.names == m.val_set.names
+    assert len(m.train_set) + len(m.val_set) == 50 and blob["categories"]
+    with pytest.raises(ValueError, match="data.num_classes=3"):
+        CocoDataModule(num_classes=3, **kwargs)
+
+
+def test_cli_bad_coco_is_one_message(tmp_path):
+    blob = _small()
+    blob["annotations"][0]["category_id"] = 9
+    path = _write(tmp_path, blob)
+    r = run_cli(
+        "ssd_lightning.train",
+        "data=coco",
+        f"data.images_dir={IMAGES}",
+        f"data.train_json={path}",
+        "data.val_json=null",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("Data error:") and "unknown category_id 9" in lines[-1]
+    assert "Traceback" not in r.stderr
+
+
+def test_cli_missing_coco_file_is_one_message(tmp_path):
+    r = run_cli(
+        "ssd_lightning.train",
+        "data=coco",
+        f"data.train_json={tmp_path / 'nope.json'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 2, r.stderr
+    last = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1]
+    assert last.startswith("Data error:") and "nope.json: no such file" in last
