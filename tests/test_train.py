@@ -156,7 +156,13 @@ def test_test_after_fit_equals_evaluate(tiny_run: dict, tmp_path: Path) -> None:
     best = tiny_run["dir"] / "ssd_resnet34_pennfudan_best.pt"
     after_fit = json.loads((tiny_run["dir"] / "eval_metrics.json").read_text())
     cfg = make_cfg(
-        [f"ckpt_path={best}", "data.batch_size=2", "data.num_workers=0"],
+        # the run's batch size, workers and precision (TINY pins 32-true)
+        [
+            f"ckpt_path={best}",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "trainer.precision=32-true",
+        ],
         tmp_path,
         "evaluate",
     )
