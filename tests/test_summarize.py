@@ -74,6 +74,8 @@ def test_jobs_read_and_sorted(sweep: Path) -> None:
         assert j.value("epochs") == 1
         assert j.value("val/map_50") is not None and j.value("train/loss") > 0
         assert 0 < j.value("wall_s") < 600
+        best = json.loads((j.path / "metrics.json").read_text())["best_model_score"]
+        assert j.value("best") == best
     by_loss = sort_jobs(jobs, "train/loss")  # losses: smallest first, failed last
     losses = [j.value("train/loss") for j in by_loss[:2]]
     assert losses == sorted(losses) and by_loss[2].name == "2"
@@ -96,6 +98,7 @@ def test_cli_writes_table_csv_markdown_and_chart(
         "anchors",
         "val/map_50",
         "val/map",
+        "best",
         "train/loss",
         "epochs",
         "wall_s",
@@ -134,3 +137,13 @@ def test_missing_dir_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no Hydra job dirs"):
         main([str(tmp_path / "empty")])
+
+
+def test_named_job_dirs_beside_numbered_ones(sweep: Path, tmp_path: Path) -> None:
+    """Runs added to a sweep dir by name (hydra.run.dir=<sweep>/<name>, e.g. a rerun) are read
+    with the numbered jobs: numbers in order first, then the names."""
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep, copy)
+    shutil.copytree(sweep / "1", copy / "rerun_seed2")
+    shutil.copytree(sweep / "0", copy / "10")
+    assert [j.name for j in find_jobs(copy)] == ["0", "1", "2", "3", "10", "rerun_seed2"]

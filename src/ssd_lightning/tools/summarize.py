@@ -44,6 +44,8 @@ DEFAULT_METRIC = "val/map_50"
 METRIC_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
     ("val/map_50", ("val/map_50",)),
     ("val/map", ("val/map",)),
+    # the exported model's monitored value (the last val/map_50 can be an unlucky epoch's)
+    ("best", ("best_model_score",)),
     ("train/loss", ("train/loss", "train/loss_epoch")),
     ("epochs", ("epoch", "epochs")),
     ("wall_s", ("wall_time_s",)),
@@ -138,7 +140,10 @@ def find_jobs(multirun_dir: str | Path) -> list[Job]:
         raise FileNotFoundError(f"multirun dir {root} does not exist")
     job_dirs = sorted(
         (p.parent.parent for p in root.rglob(".hydra/overrides.yaml")),
-        key=lambda p: [int(s) if s.isdigit() else s for s in p.relative_to(root).parts],
+        # numbered jobs in number order, named ones (e.g. hydra.run.dir=<sweep>/<name>) after
+        key=lambda p: [
+            (0, int(s), "") if s.isdigit() else (1, 0, s) for s in p.relative_to(root).parts
+        ],
     )
     if not job_dirs:
         raise FileNotFoundError(
@@ -406,7 +411,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--metric",
         default=None,
         help="sort key, any key of metrics.json (default: the search's optimized_metric, else "
-        f"{DEFAULT_METRIC}; also: val/map, train/loss, epochs, wall_s)",
+        f"{DEFAULT_METRIC}; also: val/map, best (the exported model's monitored value), "
+        "train/loss, epochs, wall_s)",
     )
     parser.add_argument("--out", default=None, help="output folder (default: the multirun dir)")
     parser.add_argument(
