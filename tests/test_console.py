@@ -82,7 +82,7 @@ def test_every_tool_has_help(tool: str, needle: str) -> None:
 
 def test_help_lists_only_the_groups_a_tool_uses() -> None:
     groups = run_cli("ssd_lightning.evaluate", "--help").stdout.split("== Config (")[0]
-    assert "data: pennfudan" in groups and "trainer:" in groups
+    assert "data: coco, pennfudan" in groups and "trainer:" in groups
     assert "anchors:" not in groups and "augmentation:" not in groups and "optimizer:" not in groups
     groups = run_cli("ssd_lightning.predict", "--help").stdout.split("== Config (")[0]
     assert "paths:" in groups and "trainer:" not in groups and "data:" not in groups
