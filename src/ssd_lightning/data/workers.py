@@ -13,7 +13,6 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.context
 import signal
-import sys
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -37,11 +36,12 @@ class ShieldedForkContext(multiprocessing.context.ForkContext):
 def worker_context(num_workers: int) -> multiprocessing.context.BaseContext | None:
     """The DataLoader's ``multiprocessing_context``: shielded fork where fork is the start method
     (Linux), else None (the platform's default; the window stays open there)."""
-    if num_workers == 0 or not hasattr(signal, "pthread_sigmask") or sys.platform == "win32":
+    if num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
         return None
-    if multiprocessing.get_start_method(allow_none=True) not in (None, "fork"):
-        return None
-    if multiprocessing.get_context().get_start_method() != "fork":
+    # the start method set by the user, else the platform's default (the first listed); asking
+    # get_context() instead would fix the start method as a side effect
+    method = multiprocessing.get_start_method(allow_none=True)
+    if (method or multiprocessing.get_all_start_methods()[0]) != "fork":
         return None
     return ShieldedForkContext()
 
