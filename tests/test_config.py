@@ -115,7 +115,7 @@ def test_tool_configs_compose(name: str, tmp_path: Path) -> None:
 
 def test_default_recipe(tmp_path: Path) -> None:
     cfg = make_cfg([], tmp_path / "run")
-    assert cfg.trainer.max_epochs == 100 and cfg.optimizer.lr == 1e-3
+    assert cfg.trainer.max_epochs == 180 and cfg.optimizer.lr == 1e-3
     assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.scheduler is None
     assert cfg.model.optimizer == cfg.optimizer and cfg.model.scheduler is None
     assert cfg.anchors.name == "tall_skinny" and cfg.augmentation.name == "safe_crop"
