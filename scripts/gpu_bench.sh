@@ -51,7 +51,7 @@ step benchmark_cuda_bf16_compile 300 "$PY" -m ssd_lightning.benchmark device=cud
     'batch_sizes=[32,128]' steps=20 warmup=10 repeats=5 compile=true \
     'sections=[bare,step,inference]' out="$OUT/benchmark_cuda_bf16_compile.json"
 
-# 3. the default recipe end to end (100 epochs, validation every epoch), start-up included:
+# 3. the default recipe end to end (180 epochs, validation every epoch), start-up included:
 #    a) exactly `python -m ssd_lightning.train` (on a GPU: bf16-mixed and the GPU data path)
 step recipe_default 600 "$PY" -m ssd_lightning.train "hydra.run.dir=$OUT/recipe_default"
 #    b) the CPU data path instead, with 8 pinned persistent workers
