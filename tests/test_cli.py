@@ -41,7 +41,7 @@ def test_read_rgb_any_mode(photos: Path) -> None:
     assert read_rgb(photos / "deep16.png").float().mean() > 20  # scaled down, not clipped to 255
 
 
-@pytest.mark.parametrize("model_file", ["ssd_resnet34_pennfudan_best.pt", "checkpoints/last.ckpt"])
+@pytest.mark.parametrize("model_file", ["ssd_resnet34_best.pt", "checkpoints/last.ckpt"])
 def test_predict_folder(tiny_run: dict, photos: Path, tmp_path: Path, model_file: str) -> None:
     result = predict(tiny_run["dir"] / model_file, photos, tmp_path, score_threshold=0.0)
     assert result["thresholds"] == {"score_threshold": 0.0, "nms_threshold": 0.45, "top_k": 20}
@@ -60,7 +60,7 @@ def test_predict_folder(tiny_run: dict, photos: Path, tmp_path: Path, model_file
 
 
 def test_predict_errors_name_the_input(tiny_run: dict, photos: Path, tmp_path: Path) -> None:
-    model = tiny_run["dir"] / "ssd_resnet34_pennfudan_best.pt"
+    model = tiny_run["dir"] / "ssd_resnet34_best.pt"
     with pytest.raises(InputError, match="nowhere.jpg"):
         predict(model, tmp_path / "nowhere.jpg", tmp_path / "out")
     with pytest.raises(InputError, match=r"readme\.txt"):
@@ -124,7 +124,7 @@ def test_train_cli_config_error_is_clean(tmp_path: Path) -> None:
 def test_predict_rejects_bad_thresholds_and_keeps_same_stem_outputs_apart(
     tiny_run: dict, tmp_path: Path
 ) -> None:
-    model = tiny_run["dir"] / "ssd_resnet34_pennfudan_best.pt"
+    model = tiny_run["dir"] / "ssd_resnet34_best.pt"
     for kwargs, key in (
         ({"score_threshold": 2.0}, "score_threshold=2.0"),
         ({"nms_threshold": 0}, "nms_threshold=0"),

@@ -250,6 +250,7 @@ def test_multiclass_coco_learns_every_class_then_predicts_and_evaluates(shapes, 
     ]
     overrides = tiny(
         *data,
+        "scheduler=none",  # the whole lr for all 60 steps (the default decays it)
         model__net__image_size=192,
         data__batch_size=2,
         trainer__max_epochs=epochs,
@@ -262,7 +263,7 @@ def test_multiclass_coco_learns_every_class_then_predicts_and_evaluates(shapes, 
     run = tmp_path / "run"
     metrics = train(make_cfg(overrides, run))
     assert metrics["status"] == "completed"
-    best = run / "ssd_resnet34_pennfudan_best.pt"
+    best = run / "ssd_resnet34_best.pt"
     from ssd_lightning.training.checkpoint import load_model
 
     net, info = load_model(best)

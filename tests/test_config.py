@@ -115,9 +115,10 @@ def test_tool_configs_compose(name: str, tmp_path: Path) -> None:
 
 def test_default_recipe(tmp_path: Path) -> None:
     cfg = make_cfg([], tmp_path / "run")
-    assert cfg.trainer.max_epochs == 180 and cfg.optimizer.lr == 1e-3
-    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.scheduler is None
-    assert cfg.model.optimizer == cfg.optimizer and cfg.model.scheduler is None
+    assert cfg.trainer.max_epochs == 360 and cfg.optimizer.lr == 1e-3
+    assert cfg.optimizer._target_ == "torch.optim.Adam"
+    assert cfg.scheduler._target_ == "ssd_lightning.training.schedules.warmup_cosine"
+    assert cfg.model.optimizer == cfg.optimizer and cfg.model.scheduler == cfg.scheduler
     assert cfg.anchors.name == "tall_skinny" and cfg.augmentation.name == "safe_crop"
     assert cfg.data.val_size == 50 and cfg.model.loss.neg_ratio == 4
     assert dict(cfg.model.predict) == {"score_threshold": 0.5, "nms_threshold": 0.45, "top_k": 20}
@@ -167,6 +168,7 @@ def test_clipping_a_fused_optimizer_in_mixed_precision_is_refused(tmp_path: Path
         ("model.predict.score_threshold=1.5", "model.predict.score_threshold"),
         ("model.evaluate.top_k=0", "model.evaluate.top_k"),
         ("optimizer.lr=-0.1", "optimizer: Invalid learning rate"),
+        ("trainer.max_epochs=-1", "scheduler=none"),
         ("model.loss.beta=0", "model.loss.beta"),
         ("model.max_nonfinite_steps=0", "model.max_nonfinite_steps"),
         ("data.val_size=170", "data.val_size"),

@@ -36,7 +36,7 @@ IMAGES = sorted((PENNFUDAN / "PNGImages").glob("*.png"))[-6:]  # validation-spli
 def exported(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The tiny run's model exported by the export task (its parity check included)."""
     out = tmp_path_factory.mktemp("export")
-    model = tiny_run["dir"] / "ssd_resnet34_pennfudan_best.pt"
+    model = tiny_run["dir"] / "ssd_resnet34_best.pt"
     cfg = make_cfg([f"ckpt_path={model}", f"output_dir={out}", "name=tiny"], out / "run", "export")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):

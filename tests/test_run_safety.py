@@ -24,7 +24,7 @@ from ssd_lightning.training.checkpoint import CheckpointError
 from ssd_lightning.training.checkpoint_io import RunCheckpointIO
 from ssd_lightning.training.resume import start_checkpoint
 
-BEST = "ssd_resnet34_pennfudan_best.pt"
+BEST = "ssd_resnet34_best.pt"
 
 # A child that builds the run's Trainer from the config and saves a ~200 MB checkpoint through
 # it again and again, each version a constant tensor; "saved" once the first one is complete.

@@ -69,7 +69,7 @@ def test_bf16_on_the_cpu(tmp_path: Path) -> None:
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     conv = state["state_dict"]["net.backbone.stem.0.weight"]
     assert conv.dtype == torch.float32 and conv.is_contiguous(memory_format=torch.channels_last)
-    net, _ = load_model(run / "ssd_resnet34_pennfudan_best.pt")
+    net, _ = load_model(run / "ssd_resnet34_best.pt")
     (det,) = net.detect(torch.rand(1, 3, 128, 128))
     assert det["boxes"].dtype == torch.float32
 
@@ -83,7 +83,7 @@ def test_run_dir_contents(tiny_run: dict) -> None:
     assert saved["status"] == "completed" and saved["tags"] == ["tiny", "ci"]
     _finite(saved, "train/loss", "val/loss", "val/map", "val/map_50", "val/map_75", "val/mar_100")
     # the exported best model loads without Lightning and records where it comes from
-    best = run / "ssd_resnet34_pennfudan_best.pt"
+    best = run / "ssd_resnet34_best.pt"
     assert saved["best_model_path"] == str(best)
     net, info = load_model(best)
     assert info["epoch"] == saved["best_epoch"] and info["monitor"] == "val/map_50"
@@ -153,7 +153,7 @@ def test_test_after_fit_equals_evaluate(tiny_run: dict, tmp_path: Path) -> None:
     """test_after_fit wrote what `python -m ssd_lightning.evaluate ckpt_path=<best.pt>` writes
     for the run's data (composed from evaluate.yaml as the CLI does): the whole validation split,
     although the run validated one batch per epoch."""
-    best = tiny_run["dir"] / "ssd_resnet34_pennfudan_best.pt"
+    best = tiny_run["dir"] / "ssd_resnet34_best.pt"
     after_fit = json.loads((tiny_run["dir"] / "eval_metrics.json").read_text())
     cfg = make_cfg(
         # the run's batch size, workers and precision (TINY pins 32-true)
@@ -192,7 +192,7 @@ def test_resume_continues_exactly(tiny_run: dict, tmp_path: Path) -> None:
     adam_state = next(iter(after["optimizer_states"][0]["state"].values()))
     assert int(adam_state["step"]) == 6
     # the best so far came along: the new run dir has the best of all 3 epochs
-    best = tmp_path / "resumed" / "ssd_resnet34_pennfudan_best.pt"
+    best = tmp_path / "resumed" / "ssd_resnet34_best.pt"
     assert metrics["best_model_path"] == str(best)
     _, info = load_model(best)
     assert info["epoch"] == metrics["best_epoch"] <= 2
@@ -218,7 +218,7 @@ def test_no_validation_split_uses_train_loss(
     assert metrics["best_monitor"] == "train/loss"
     assert Path(metrics["best_model_path"]).is_file()
     assert "val/map_50" not in metrics
-    assert (tmp_path / "run" / "ssd_resnet34_pennfudan_best.pt").is_file()
+    assert (tmp_path / "run" / "ssd_resnet34_best.pt").is_file()
     assert "test_after_fit: skipped, no validation split (data.val_size=0)" in caplog.text
     assert not (tmp_path / "run" / "eval_metrics.json").exists()
     full = torch.load(best_state, map_location="cpu", weights_only=True)

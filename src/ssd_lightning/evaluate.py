@@ -1,6 +1,6 @@
 """COCO evaluation of a trained model: ``python -m ssd_lightning.evaluate ckpt_path=...``.
 
-Loads a Lightning ``.ckpt`` or an exported ``ssd_resnet34_pennfudan_best.pt`` (the network and
+Loads a Lightning ``.ckpt`` or an exported ``ssd_resnet34_best.pt`` (the network and
 its anchors come from the file), runs the validation split (or, with ``data.val_size=0``, every
 image) through the same validation step as training, prints a COCO table and writes a JSON file.
 

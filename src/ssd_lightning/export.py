@@ -8,7 +8,7 @@ onnxruntime on real images against the PyTorch model (see ``tools.onnx_export``)
 
 Examples::
 
-    python -m ssd_lightning.export ckpt_path=outputs/<date>/<time>/ssd_resnet34_pennfudan_best.pt
+    python -m ssd_lightning.export ckpt_path=outputs/<date>/<time>/ssd_resnet34_best.pt
     python -m ssd_lightning.export ckpt_path=last.ckpt score_threshold=0.3 output_dir=ship/
     python -m ssd_lightning.predict ckpt_path=ship/last.onnx input=street.jpg
 """

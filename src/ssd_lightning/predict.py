@@ -3,7 +3,7 @@
 ``input`` is one image or a folder of images (JPEG, PNG, BMP, WebP, TIFF, GIF; any size;
 grayscale, palette, RGBA and 16-bit images are converted to RGB; EXIF orientation is applied, as
 phones store it). ``ckpt_path`` is a Lightning ``.ckpt``, the exported
-``ssd_resnet34_pennfudan_best.pt``, or a detector ``.onnx`` written by ``ssd_lightning.export``
+``ssd_resnet34_best.pt``, or a detector ``.onnx`` written by ``ssd_lightning.export``
 (run by onnxruntime: ``pip install -e '.[onnx]'``); this tool imports no Lightning.
 
 Writes ``<output_dir>/<name>_pred.<ext>`` with the boxes drawn and ``<output_dir>/detections.json``
@@ -13,7 +13,7 @@ and class names. Files that cannot be read are skipped and listed under ``skippe
 Examples::
 
     python -m ssd_lightning.predict \\
-        ckpt_path=outputs/<date>/<time>/ssd_resnet34_pennfudan_best.pt \\
+        ckpt_path=outputs/<date>/<time>/ssd_resnet34_best.pt \\
         input=~/Pictures/street.jpg
     python -m ssd_lightning.predict ckpt_path=last.ckpt input=photos/ score_threshold=0.3 top_k=50
     python -m ssd_lightning.predict ckpt_path=outputs/export/<date>/<time>/last.onnx input=photos/

@@ -4,17 +4,19 @@ Each constructor checks its own values (``SSD``, ``MultiBoxLoss``, ``SSDLitModul
 DataModule, the transforms) and names its config key; ``compose.instantiate_checked`` turns those
 errors into ``ConfigError``. What no single constructor can see is checked here: the anchor
 preset against the backbone's feature maps, the data's image size against the network's, the
-optimizer's values (its constructor only runs inside the fit), and the checkpoint to resume from.
+optimizer's values (its constructor only runs inside the fit), a schedule's need for a run
+length, and the checkpoint to resume from.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.config.errors import ConfigError
@@ -74,12 +76,33 @@ def _optimizer_errors(cfg: DictConfig) -> list[str]:
     return []
 
 
+def _scheduler_errors(cfg: DictConfig) -> list[str]:
+    """A schedule over the whole fit (warm-up + cosine) needs to know the fit's length."""
+    target = _get(cfg, "model.scheduler._target_")
+    if target is None:
+        return []
+    try:
+        takes_total = "total_steps" in inspect.signature(get_method(target)).parameters
+    except (ImportError, ValueError, TypeError):
+        return []  # a target that cannot be resolved is reported when it is instantiated
+    max_epochs, max_steps = _get(cfg, "trainer.max_epochs"), _get(cfg, "trainer.max_steps")
+    by_epoch = _get(cfg, "model.scheduler_interval") == "epoch"  # its length: max_epochs alone
+    if takes_total and max_epochs == -1 and (by_epoch or max_steps in (None, -1)):
+        return [
+            f"trainer.max_epochs=-1 with scheduler {target}: the schedule spans the whole fit and "
+            "an open-ended run has no length; give trainer.max_epochs (or trainer.max_steps), or "
+            "use scheduler=none (a constant lr)"
+        ]
+    return []
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check a composed train / evaluate config; raise ``ConfigError`` listing every problem."""
     errors: list[str] = []
     if _get(cfg, "model.net") is not None:
         errors += _anchor_errors(cfg)
     errors += _optimizer_errors(cfg)
+    errors += _scheduler_errors(cfg)
     data_size, net_size = _get(cfg, "data.image_size"), _get(cfg, "model.net.image_size")
     if data_size is not None and net_size is not None and data_size != net_size:
         errors.append(

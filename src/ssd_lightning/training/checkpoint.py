@@ -5,7 +5,7 @@ Two kinds of file hold a trained network:
 - a Lightning checkpoint ``<run>/checkpoints/*.ckpt``: the whole training state; our entry
   ``checkpoint["ssd_lightning"]`` holds the network's constructor config and the thresholds
   (written by ``SSDLitModule.on_save_checkpoint``), the weights are ``state_dict["net.*"]``;
-- the exported ``<run>/ssd_resnet34_pennfudan_best.pt``: ``{"config": SSD constructor args,
+- the exported ``<run>/ssd_resnet34_best.pt``: ``{"config": SSD constructor args,
   "state_dict": ..., "predict": ..., "evaluate": ..., "class_names": ...}``, no Lightning needed.
 
 Both are read with ``torch.load(weights_only=True)``: a file that would run code when unpickled
@@ -43,7 +43,7 @@ def read_checkpoint(
     if not path.is_file():
         raise CheckpointError(
             f"{key}={path}: no such file (a Lightning .ckpt from <run>/checkpoints/ or an "
-            "exported ssd_resnet34_pennfudan_best.pt)"
+            "exported ssd_resnet34_best.pt)"
         )
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -69,7 +69,7 @@ def net_config(blob: dict[str, Any], path: str | Path = "?") -> dict[str, Any]:
         return dict(blob[CKPT_KEY]["net_config"])
     raise CheckpointError(
         f"ckpt_path={path}: neither a ssd_lightning Lightning checkpoint nor a model exported by "
-        "ssd_lightning (ssd_resnet34_pennfudan_best.pt)"
+        "ssd_lightning (ssd_resnet34_best.pt)"
     )
 
 

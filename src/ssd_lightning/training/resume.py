@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # in a run dir, as the default config lays it out
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"  # what resume= restarts from
-BEST_MODEL_FILE = "ssd_resnet34_pennfudan_best.pt"
+BEST_MODEL_FILE = "ssd_resnet34_best.pt"
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 
 
