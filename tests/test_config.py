@@ -125,10 +125,12 @@ def test_default_recipe(tmp_path: Path) -> None:
     assert cfg.model.evaluate.score_threshold == 0.01 and cfg.model.evaluate.top_k == 100
     assert cfg.callbacks.model_checkpoint.monitor == "val/map_50"
     assert cfg.data.image_size == cfg.model.net.image_size == 300
+    assert cfg.model.ema_decay == 0.995
     # the original project had no validation split: the best checkpoint is then by train/loss
     original = make_cfg(["experiment=original"], tmp_path / "run2")
     assert original.data.val_size == 0
     assert original.callbacks.model_checkpoint.monitor == "train/loss"
+    assert original.model.ema_decay is None and original.scheduler is None
 
 
 def test_precision_follows_the_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -171,6 +173,7 @@ def test_clipping_a_fused_optimizer_in_mixed_precision_is_refused(tmp_path: Path
         ("trainer.max_epochs=-1", "scheduler=none"),
         ("model.loss.beta=0", "model.loss.beta"),
         ("model.max_nonfinite_steps=0", "model.max_nonfinite_steps"),
+        ("model.ema_decay=1.0", "model.ema_decay=1.0: allowed values"),
         ("data.val_size=170", "data.val_size"),
         ("data.verify=sometimes", "data.verify"),
         ("augmentation.crop.type=bogus", "augmentation.crop.type"),

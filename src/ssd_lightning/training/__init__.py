@@ -2,6 +2,7 @@
 
 - ``lit_module``   the LightningModule (a thin shell over ``core``)
 - ``schedules``    learning-rate schedules
+- ``ema``          the moving average of the weights, the network validated and exported
 - ``callbacks``    prediction images and figures, augmentation preview, the best model, last.ckpt
 - ``checkpoint``   the one reader (and writer) of .ckpt / .pt model files; imports no Lightning
 - ``checkpoint_io`` how Lightning writes (atomically) and reads (weights-only) checkpoints

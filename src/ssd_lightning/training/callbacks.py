@@ -130,7 +130,7 @@ class PredictionImages(Callback):
     @torch.no_grad()
     def _detect(self, pl_module: L.LightningModule) -> tuple[Tensor, list[dict], list[Tensor]]:
         images, boxes, mask = self._batch
-        dets = pl_module.net.detect(images, **pl_module.predict_cfg)  # boxes in input pixels
+        dets = pl_module.eval_net.detect(images, **pl_module.predict_cfg)  # boxes in input pixels
         gts = [b[m] for b, m in zip(boxes, mask, strict=True)]
         return images, dets, gts
 
@@ -156,7 +156,9 @@ class PredictionImages(Callback):
         score = pl_module.predict_cfg["score_threshold"]
         figures = {
             FEATURE_MAPS_PNG: plot_feature_maps(
-                pl_module.net, images[0], title=f"feature maps ({self._source} image, step {step})"
+                pl_module.eval_net,
+                images[0],
+                title=f"feature maps ({self._source} image, step {step})",
             ),
             PREDICTIONS_PNG: plot_predictions(
                 images,
@@ -204,8 +206,8 @@ class BestModel(Callback):
     """``path``: the run's best network by ``monitor`` as the Lightning-free export (weights,
     model config, thresholds; see ``training.checkpoint``), rewritten atomically whenever the
     metric improves, so a run stopped at any point still has it. No optimizer state: about a
-    third of a full checkpoint (~95 MB at 300 px). ``checkpoint``: optionally also keep the best
-    epoch's whole training state there (a Lightning checkpoint, ~286 MB).
+    quarter of a full checkpoint (~95 MB at 300 px). ``checkpoint``: optionally also keep the best
+    epoch's whole training state there (a Lightning checkpoint, ~382 MB).
 
     Checked after each validation (after each training epoch when there is none). The record
     (best score, epoch, step, file) is part of every checkpoint, so a resumed run compares against
@@ -310,7 +312,7 @@ class BestModel(Callback):
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, source: str) -> None:
         export_model(
-            pl_module.net,
+            pl_module.eval_net,
             self.path,
             {
                 "predict": dict(pl_module.predict_cfg),

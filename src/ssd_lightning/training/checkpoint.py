@@ -4,7 +4,9 @@ Two kinds of file hold a trained network:
 
 - a Lightning checkpoint ``<run>/checkpoints/*.ckpt``: the whole training state; our entry
   ``checkpoint["ssd_lightning"]`` holds the network's constructor config and the thresholds
-  (written by ``SSDLitModule.on_save_checkpoint``), the weights are ``state_dict["net.*"]``;
+  (written by ``SSDLitModule.on_save_checkpoint``), the weights are ``state_dict["net.*"]``, or
+  ``state_dict["ema.net.*"]`` (the moving average, the network the run validated) when the run
+  kept one (``model.ema_decay``);
 - the exported ``<run>/ssd_resnet34_best.pt``: ``{"config": SSD constructor args,
   "state_dict": ..., "predict": ..., "evaluate": ..., "class_names": ...}``, no Lightning needed.
 
@@ -27,6 +29,7 @@ from ssd_lightning.core.ssd import SSD
 
 CKPT_KEY = "ssd_lightning"  # our entry in Lightning checkpoints
 NET_PREFIX = "net."  # the network's keys in a Lightning checkpoint's state_dict
+EMA_PREFIX = "ema.net."  # its moving average's, preferred when present
 
 
 class CheckpointError(ValueError):
@@ -74,11 +77,13 @@ def net_config(blob: dict[str, Any], path: str | Path = "?") -> dict[str, Any]:
 
 
 def net_state(blob: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The network's state dict from either kind of file."""
+    """The network's state dict from either kind of file (of a Lightning checkpoint: the moving
+    average of the weights when the run kept one)."""
     if is_exported(blob):
         return blob["state_dict"]
-    n = len(NET_PREFIX)
-    return {k[n:]: v for k, v in blob["state_dict"].items() if k.startswith(NET_PREFIX)}
+    state = blob["state_dict"]
+    prefix = EMA_PREFIX if any(k.startswith(EMA_PREFIX) for k in state) else NET_PREFIX
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def build_net(config: dict[str, Any], state: dict[str, torch.Tensor], path: str | Path) -> SSD:

@@ -1,8 +1,8 @@
 """The LightningModule: a thin shell over the plain-PyTorch core (``ssd_lightning.core``).
 
 The ``SSD`` network and the ``MultiBoxLoss`` are built from the config and injected; this module
-adds the optimizer/scheduler, logging, COCO evaluation with torchmetrics and the guard against
-non-finite losses.
+adds the optimizer/scheduler, logging, COCO evaluation with torchmetrics, the guard against
+non-finite losses and, optionally, an exponential moving average of the weights (``training.ema``).
 
 Box formats at this boundary: ``Batch.boxes`` are xyxy in network-input pixels [0, S]; the loss
 takes them normalized to [0, 1]; detections and the mAP targets are xyxy in original image pixels.
@@ -11,7 +11,6 @@ takes them normalized to [0, 1]; detections and the mAP targets are xyxy in orig
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -34,7 +33,9 @@ from ssd_lightning.core.ssd import SSD
 from ssd_lightning.core.step import forward_with_loss
 from ssd_lightning.data.dataset import CLASS_NAMES
 from ssd_lightning.training.checkpoint import CKPT_KEY
+from ssd_lightning.training.ema import EMA
 from ssd_lightning.training.run_outputs import log_hparams_tensorboard
+from ssd_lightning.training.schedules import takes_total_steps
 
 log = logging.getLogger(__name__)
 # faster_coco_eval logs the whole COCO summary at INFO on every evaluation; the numbers are logged
@@ -64,6 +65,9 @@ class SSDLitModule(L.LightningModule):
     optional factory ``optimizer[, total_steps] -> LRScheduler``, stepped every
     ``scheduler_interval``.
     ``run_info`` is a flat dict of run settings shown in TensorBoard's HPARAMS tab.
+    ``ema_decay``: also keep an exponential moving average of the network (``self.ema.net``),
+    which is then the network validated, exported and used for predictions (``eval_net``);
+    None = off.
     """
 
     def __init__(
@@ -77,9 +81,12 @@ class SSDLitModule(L.LightningModule):
         evaluate: Mapping[str, Any] | None = None,
         max_nonfinite_steps: int = 10,
         run_info: Mapping[str, Any] | None = None,
+        ema_decay: float | None = None,
     ):
         super().__init__()
         self.net = net
+        self.ema = EMA(net, ema_decay) if ema_decay is not None else None
+        self._ema_step = 0  # the optimizer step the average was last updated after
         self.criterion = loss if loss is not None else MultiBoxLoss()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -108,6 +115,7 @@ class SSDLitModule(L.LightningModule):
                 "evaluate": self.eval_cfg,
                 "max_nonfinite_steps": self.max_nonfinite_steps,
                 "run_info": self.run_info,
+                "ema_decay": ema_decay,
             },
             logger=False,
         )
@@ -143,14 +151,25 @@ class SSDLitModule(L.LightningModule):
             self.class_names = list(names)
 
     # ---------------------------------------------------------------------------------------------
+    @property
+    def eval_net(self) -> SSD:
+        """The network validated, exported and used for predictions: the moving average when
+        there is one, else the trained network itself."""
+        return self.net if self.ema is None else self.ema.net
+
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """images (B,3,S,S) in [0,1] -> loc (B,N,4), logits (B,N,C)."""
         return self.net(images)
 
-    def _step(self, batch: Any) -> tuple[Tensor, Tensor, Any]:
+    def _step(self, batch: Any, net: SSD | None = None) -> tuple[Tensor, Tensor, Any]:
         mask = batch.mask if batch.crowd is None else batch.mask & ~batch.crowd  # crowd: no target
         return forward_with_loss(
-            self.net, self.criterion, batch.images, batch.boxes, batch.labels, mask
+            self.net if net is None else net,
+            self.criterion,
+            batch.images,
+            batch.boxes,
+            batch.labels,
+            mask,
         )
 
     @staticmethod
@@ -265,6 +284,14 @@ class SSDLitModule(L.LightningModule):
         self.log_dict(stats, on_step=False, on_epoch=True, sync_dist=True, batch_size=bs)
         return out.total
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # after each optimizer step (not each batch when gradients are accumulated); a skipped
+        # non-finite step left the weights as they were, so averaging them again is harmless
+        step = self.trainer.global_step
+        if self.ema is not None and step > self._ema_step:
+            self.ema.update(self.net, step)
+            self._ema_step = step
+
     # ---------------------------------------------------------------------------------------------
     def _targets(self, batch: Any) -> list[dict[str, Tensor]]:
         """GT boxes in original image pixels, one dict per image (torchmetrics' format)."""
@@ -282,7 +309,7 @@ class SSDLitModule(L.LightningModule):
         return targets
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loc, logits, out = self._step(batch)
+        loc, logits, out = self._step(batch, self.eval_net)
         self.log(
             "val/loss",
             out.total,
@@ -292,7 +319,9 @@ class SSDLitModule(L.LightningModule):
             sync_dist=True,
             batch_size=len(batch.images),
         )
-        preds = postprocess(loc, logits, self.net.anchors_cxcywh, batch.orig_sizes, **self.eval_cfg)
+        preds = postprocess(
+            loc, logits, self.eval_net.anchors_cxcywh, batch.orig_sizes, **self.eval_cfg
+        )
         self.val_map.update(preds, self._targets(batch))
 
     def on_validation_epoch_end(self) -> None:
@@ -320,7 +349,7 @@ class SSDLitModule(L.LightningModule):
         self, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> list[dict[str, Any]]:
         """Detections per image, boxes xyxy in original image pixels (prediction thresholds)."""
-        dets = self.net.detect(batch.images, batch.orig_sizes, **self.predict_cfg)
+        dets = self.eval_net.detect(batch.images, batch.orig_sizes, **self.predict_cfg)
         names = getattr(batch, "names", None) or [None] * len(dets)
         return [{**d, "name": n} for d, n in zip(dets, names, strict=True)]
 
@@ -329,11 +358,12 @@ class SSDLitModule(L.LightningModule):
         factory = self.optimizer_factory or (
             lambda params: torch.optim.Adam(params, lr=1e-3, fused=True)
         )
-        optimizer = factory(params=self.parameters())
+        # the moving average (frozen) is not trained
+        optimizer = factory(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         kwargs: dict[str, Any] = {}
-        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
+        if takes_total_steps(self.scheduler_factory):
             kwargs["total_steps"] = (
                 int(self.trainer.estimated_stepping_batches)
                 if self.scheduler_interval == "step"
@@ -360,6 +390,8 @@ class SSDLitModule(L.LightningModule):
         # (~1.4x over NCHW bf16); NHWC weights alone make the convolutions NHWC
         if self.device.type == "cuda" or "bf16" in str(self.trainer.precision):
             self.net.to(memory_format=torch.channels_last)
+            if self.ema is not None:
+                self.ema.net.to(memory_format=torch.channels_last)
         log_hparams_tensorboard(self.trainer, self.hparams_for_logging())
 
     def on_train_start(self) -> None:
@@ -376,8 +408,15 @@ class SSDLitModule(L.LightningModule):
         self._check_nonfinite()
 
     def nonfinite_state(self) -> list[str]:
-        """The network's state entries (weights and buffers) holding NaN/inf. One host sync."""
-        state = {k: v for k, v in self.net.state_dict().items() if v.is_floating_point()}
+        """The state entries (weights and buffers) of the network and of its moving average
+        holding NaN/inf. One host sync."""
+        nets = {"": self.net} if self.ema is None else {"": self.net, "ema.": self.ema.net}
+        state = {
+            f"{prefix}{k}": v
+            for prefix, net in nets.items()
+            for k, v in net.state_dict().items()
+            if v.is_floating_point()
+        }
         if not state:
             return []
         finite = torch.stack([torch.isfinite(v).all() for v in state.values()]).tolist()
@@ -388,6 +427,7 @@ class SSDLitModule(L.LightningModule):
         # enough to rebuild the network without Hydra (see training.checkpoint)
         checkpoint[CKPT_KEY] = {
             "net_config": dict(self.net.config),
+            "ema": self.ema is not None,  # then state_dict["ema.net.*"] is the network to use
             "predict": dict(self.predict_cfg),
             "evaluate": dict(self.eval_cfg),
             "nonfinite_total": self.nonfinite_total,

@@ -68,6 +68,7 @@ def run_info(cfg: DictConfig) -> dict[str, Any]:
         "precision": str(sel(cfg, "trainer.precision")),
         "neg_ratio": sel(cfg, "model.loss.neg_ratio"),
         "head_kernel_size": sel(cfg, "model.net.head_kernel_size"),
+        "ema_decay": sel(cfg, "model.ema_decay"),
         "seed": sel(cfg, "seed"),
         "experiment": choices.get("experiment") or "none",
         # one string: TensorBoard's HPARAMS filter matches it with a regex
