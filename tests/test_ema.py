@@ -112,3 +112,25 @@ def test_a_run_validates_exports_and_resumes_the_average(tmp_path: Path) -> None
     optimizer = module.configure_optimizers()
     trained = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert trained == {id(p) for p in module.net.parameters()}
+
+
+@pytest.mark.parametrize(("before", "after"), [("null", "0.9"), ("0.9", "null")])
+def test_a_checkpoint_continues_with_or_without_an_average(
+    tmp_path: Path, before: str, after: str
+) -> None:
+    """ckpt_path= from a run without a moving average into one with it (it starts from the
+    checkpoint's weights), and the other way round (the average is left out)."""
+    from ssd_lightning.train import train
+
+    first = tmp_path / "first"
+    train(make_cfg(tiny(f"model.ema_decay={before}"), first))
+    last = first / "checkpoints" / "last.ckpt"
+    metrics = train(
+        make_cfg(
+            tiny(f"model.ema_decay={after}", f"ckpt_path={last}", trainer__max_epochs=2),
+            tmp_path / "second",
+        )
+    )
+    assert metrics["status"] == "completed" and metrics["global_step"] == 4
+    state = read_checkpoint(tmp_path / "second" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert any(k.startswith("ema.net.") for k in state) == (after != "null")

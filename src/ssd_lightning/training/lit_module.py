@@ -435,6 +435,17 @@ class SSDLitModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning loads the state dict after this hook: a checkpoint from a run with(out) a
+        # moving average continues in one without (with) it (ckpt_path= into another config)
+        state = checkpoint.get("state_dict", {})
+        has_ema = any(k.startswith("ema.net.") for k in state)
+        if self.ema is not None and not has_ema:
+            log.info("the checkpoint has no moving average of the weights: it starts from them")
+            state.update({f"ema.{k}": v for k, v in list(state.items()) if k.startswith("net.")})
+        elif self.ema is None and has_ema:
+            log.info("model.ema_decay=null: the checkpoint's moving average is left out")
+            for k in [k for k in state if k.startswith("ema.")]:
+                del state[k]
         self.nonfinite_total = int(checkpoint.get(CKPT_KEY, {}).get("nonfinite_total", 0))
         self.class_names = list(checkpoint.get(CKPT_KEY, {}).get("class_names") or self.class_names)
         self._nonfinite_total = torch.tensor(float(self.nonfinite_total))
