@@ -11,7 +11,7 @@ length, and the checkpoint to resume from.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +76,20 @@ def _optimizer_errors(cfg: DictConfig) -> list[str]:
     return []
 
 
+def takes_total_steps(factory: Callable[..., Any]) -> bool:
+    """Whether a scheduler factory (a partial or a function) needs the fit's ``total_steps``: such
+    a schedule is spread over the whole run, so the run must have a known length. The module
+    passes it (``SSDLitModule.configure_optimizers``); this module checks the run has one."""
+    return "total_steps" in inspect.signature(factory).parameters
+
+
 def _scheduler_errors(cfg: DictConfig) -> list[str]:
     """A schedule over the whole fit (warm-up + cosine) needs to know the fit's length."""
     target = _get(cfg, "model.scheduler._target_")
     if target is None:
         return []
     try:
-        takes_total = "total_steps" in inspect.signature(get_method(target)).parameters
+        takes_total = takes_total_steps(get_method(target))
     except (ImportError, ValueError, TypeError):
         return []  # a target that cannot be resolved is reported when it is instantiated
     max_epochs, max_steps = _get(cfg, "trainer.max_epochs"), _get(cfg, "trainer.max_steps")

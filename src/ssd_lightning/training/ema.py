@@ -42,12 +42,13 @@ class EMA(nn.Module):
     def update(self, net: nn.Module, step: int) -> None:
         """Move the average towards ``net`` (same architecture) after optimizer step ``step``.
         A handful of fused kernels, no host sync."""
-        ema_state, state = self.net.state_dict(), net.state_dict()
+        state = net.state_dict()
         floats: tuple[list[Tensor], list[Tensor]] = ([], [])
-        for k, v in ema_state.items():
-            if v.is_floating_point():
-                floats[0].append(v)
-                floats[1].append(state[k].to(v.dtype))
-            else:
-                v.copy_(state[k])
-        torch._foreach_lerp_(floats[0], floats[1], 1.0 - ema_decay_at(self.decay, step))
+        ints: tuple[list[Tensor], list[Tensor]] = ([], [])
+        for k, v in self.net.state_dict().items():
+            pair = floats if v.is_floating_point() else ints
+            pair[0].append(v)
+            pair[1].append(state[k])
+        torch._foreach_lerp_(*floats, 1.0 - ema_decay_at(self.decay, step))
+        if ints[0]:
+            torch._foreach_copy_(*ints)

@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from torchmetrics.detection import MeanAveragePrecision
 
 from ssd_lightning.config.errors import ConfigError, RunFailed
+from ssd_lightning.config.validation import takes_total_steps
 from ssd_lightning.core.loss import MultiBoxLoss
 from ssd_lightning.core.postprocess import (
     EVALUATE_DEFAULTS,
@@ -32,10 +33,9 @@ from ssd_lightning.core.postprocess import (
 from ssd_lightning.core.ssd import SSD
 from ssd_lightning.core.step import forward_with_loss
 from ssd_lightning.data.dataset import CLASS_NAMES
-from ssd_lightning.training.checkpoint import CKPT_KEY
+from ssd_lightning.training.checkpoint import CKPT_KEY, EMA_PREFIX, NET_PREFIX
 from ssd_lightning.training.ema import EMA
 from ssd_lightning.training.run_outputs import log_hparams_tensorboard
-from ssd_lightning.training.schedules import takes_total_steps
 
 log = logging.getLogger(__name__)
 # faster_coco_eval logs the whole COCO summary at INFO on every evaluation; the numbers are logged
@@ -438,13 +438,16 @@ class SSDLitModule(L.LightningModule):
         # Lightning loads the state dict after this hook: a checkpoint from a run with(out) a
         # moving average continues in one without (with) it (ckpt_path= into another config)
         state = checkpoint.get("state_dict", {})
-        has_ema = any(k.startswith("ema.net.") for k in state)
+        has_ema = any(k.startswith(EMA_PREFIX) for k in state)
         if self.ema is not None and not has_ema:
             log.info("the checkpoint has no moving average of the weights: it starts from them")
-            state.update({f"ema.{k}": v for k, v in list(state.items()) if k.startswith("net.")})
+            n = len(NET_PREFIX)
+            state.update(
+                {EMA_PREFIX + k[n:]: v for k, v in list(state.items()) if k.startswith(NET_PREFIX)}
+            )
         elif self.ema is None and has_ema:
             log.info("model.ema_decay=null: the checkpoint's moving average is left out")
-            for k in [k for k in state if k.startswith("ema.")]:
+            for k in [k for k in state if k.startswith(EMA_PREFIX)]:
                 del state[k]
         self.nonfinite_total = int(checkpoint.get(CKPT_KEY, {}).get("nonfinite_total", 0))
         self.class_names = list(checkpoint.get(CKPT_KEY, {}).get("class_names") or self.class_names)

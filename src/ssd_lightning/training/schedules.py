@@ -6,19 +6,10 @@ number of optimizer steps of the whole fit.
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable
-from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-
-
-def takes_total_steps(factory: Callable[..., Any]) -> bool:
-    """Whether a scheduler factory (a partial or a function) needs the fit's ``total_steps``: such
-    a schedule is spread over the whole run, so the run must have a known length."""
-    return "total_steps" in inspect.signature(factory).parameters
 
 
 def warmup_cosine(
