@@ -17,19 +17,18 @@ from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
 from ssd_lightning.data.batch import collate_fn
-from ssd_lightning.data.coco import (
-    CocoDataset,
-    CocoFormatError,
-    read_coco,
-    rle_counts,
-    rle_decode,
-    rle_encode,
-)
+from ssd_lightning.data.coco import CocoDataset, CocoFormatError, read_coco
 from ssd_lightning.data.coco_datamodule import CocoDataModule
 from ssd_lightning.data.convert import pennfudan_to_coco
 from ssd_lightning.data.dataset import PennFudanDataset
 from ssd_lightning.data.gpu.plan import GpuPlanDataset
 from ssd_lightning.data.presets import build_eval_transform, build_fallbacks, build_train_transform
+from ssd_lightning.data.segmentation import (
+    rle_counts,
+    rle_decode,
+    rle_encode,
+    segmentation_mask,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT / "data" / "pennfudan_coco"  # the committed conversion (python -m ...data.convert)
@@ -49,6 +48,19 @@ def test_rle_round_trips_and_reads_compressed_strings():
         m = rng.random((int(rng.integers(1, 12)), int(rng.integers(1, 12)))) > 0.6
         assert np.array_equal(rle_decode(rle_encode(m)), m)
         assert np.array_equal(rle_decode(rle_encode(m, compress=False)), m)
+
+
+def test_segmentation_mask_falls_back_to_the_box_and_names_a_wrong_size():
+    box = torch.tensor([1.0, 0.0, 3.0, 2.0])  # xyxy pixel edges
+    filled = np.zeros((3, 4), dtype=bool)
+    filled[0:2, 1:3] = True
+    assert np.array_equal(segmentation_mask(None, box, 3, 4), filled)  # no segmentation
+    empty = rle_encode(np.zeros((3, 4), dtype=bool))
+    assert np.array_equal(segmentation_mask(empty, box, 3, 4), filled)  # covers no pixel
+    triangle = [[0.0, 0.0, 4.0, 0.0, 0.0, 3.0]]
+    assert segmentation_mask(triangle, box, 3, 4)[0, 0]
+    with pytest.raises(ValueError, match=r"RLE size \[4, 3\] but the image is 3x4"):
+        segmentation_mask(rle_encode(np.ones((4, 3), dtype=bool)), box, 3, 4)
 
 
 # -- the two readers on the same images -----------------------------------------------------------

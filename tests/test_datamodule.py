@@ -14,10 +14,11 @@ from torchvision import tv_tensors
 
 from ssd_lightning.config.paths import load_option
 from ssd_lightning.data.batch import Batch, collate_fn
-from ssd_lightning.data.datamodule import PennFudanDataModule
 from ssd_lightning.data.download import DownloadError
 from ssd_lightning.data.manifest import DatasetIntegrityError, load_json
+from ssd_lightning.data.pennfudan_datamodule import PennFudanDataModule
 from ssd_lightning.data.presets import build_train_transform
+from ssd_lightning.data.sampling import EpochSeededSampler
 from ssd_lightning.visualize import figure_to_png, plot_augmentations
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -241,8 +242,6 @@ def test_split_null_evaluates_every_image_of_another_root(tmp_path: Path) -> Non
 
 
 def test_resumed_epochs_continue_the_data_stream() -> None:
-    from ssd_lightning.data.datamodule import EpochSeededSampler
-
     def epoch(sampler: EpochSeededSampler, e: int) -> list[tuple[int, int]]:
         sampler.set_epoch(e)
         return list(sampler)  # (index, augmentation seed) pairs

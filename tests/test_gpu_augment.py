@@ -13,11 +13,11 @@ from torchvision.transforms.v2 import functional as F
 
 from ssd_lightning.config.paths import load_option
 from ssd_lightning.data.batch import plan_collate
-from ssd_lightning.data.datamodule import PennFudanDataModule
 from ssd_lightning.data.dataset import PennFudanDataset
 from ssd_lightning.data.gpu.pixels import GpuAugmenter, photometric
 from ssd_lightning.data.gpu.plan import PHOTO_SLOTS, GpuPlanDataset, unplannable_steps
 from ssd_lightning.data.gpu.record import NoGpuKernel
+from ssd_lightning.data.pennfudan_datamodule import PennFudanDataModule
 from ssd_lightning.data.presets import build_fallbacks, build_train_transform, needs_masks
 from ssd_lightning.data.transforms import ResizeKeepLargest
 

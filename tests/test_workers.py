@@ -10,7 +10,7 @@ import pytest
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from ssd_lightning.data.datamodule import seed_worker
+from ssd_lightning.data.sampling import seed_worker
 from ssd_lightning.data.workers import ShieldedForkContext, worker_context
 
 pytestmark = pytest.mark.skipif(

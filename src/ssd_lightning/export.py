@@ -3,7 +3,7 @@
 Writes the detector graph ``<name>.onnx`` (images and original sizes in; boxes, scores, labels
 out, like ``SSD.detect``), its two halves ``<name>_network.onnx`` (loc, logits) and
 ``<name>_postprocess.onnx`` (decode, threshold, NMS, top-k) and ``<name>.json``, then runs them in
-onnxruntime on real images against the PyTorch model (see ``tools.onnx_export``). Needs the
+onnxruntime on real images against the PyTorch model (see ``tools.onnx_parity``). Needs the
 ``onnx`` extra: ``pip install -e '.[onnx]'``.
 
 Examples::
@@ -20,7 +20,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ssd_lightning.config.cli import hydra_main
-from ssd_lightning.tools.onnx_export import export_model, parity_summary
+from ssd_lightning.tools.onnx_export import export_model
+from ssd_lightning.tools.onnx_parity import parity_summary
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """COCO-format detection data: the annotation file's reader (``read_coco``: every check names
-the file and the entry), segmentations -> instance masks (polygons through PIL, RLE decoded
-here), and ``CocoDataset`` (a ``DetectionDataset`` over one annotation file's images).
+the file and the entry), the instance masks of an image's annotations (``instance_masks``; the
+decoding is ``data.segmentation``'s), and ``CocoDataset`` (a ``DetectionDataset`` over one
+annotation file's images).
 
 Boxes: COCO ``bbox`` is ``[x, y, width, height]`` in pixels of the stored image; here they become
 xyxy pixel edges (the package's format), clipped to the image. Category ids of any value map to
@@ -24,12 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
 from ssd_lightning.data.dataset import DatasetReadError, DetectionDataset, Transform, load_image
 from ssd_lightning.data.mask_runs import MaskRuns, mask_runs
+from ssd_lightning.data.segmentation import segmentation_mask
 
 log = logging.getLogger(__name__)
 
@@ -252,112 +254,17 @@ def _check_segmentation(seg: Any, path: Path, where: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------------------------------
-# segmentations -> masks
-def rle_counts(counts: str) -> list[int]:
-    """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``): 5-bit
-    groups with a continuation bit, counts after the second stored as differences."""
-    out: list[int] = []
-    p = 0
-    while p < len(counts):
-        x = k = 0
-        more = True
-        while more:
-            c = ord(counts[p]) - 48
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p += 1
-            k += 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(out) > 2:
-            x += out[-2]
-        out.append(x)
-    return out
-
-
-def rle_string(counts: Sequence[int]) -> str:
-    """Run lengths -> a compressed COCO RLE string (pycocotools' ``rleToString``)."""
-    out = []
-    for i, count in enumerate(counts):
-        x = int(count) - (int(counts[i - 2]) if i > 2 else 0)
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5  # arithmetic shift: a negative difference ends at -1
-            more = x != -1 if c & 0x10 else x != 0
-            out.append(chr((c | 0x20 if more else c) + 48))
-    return "".join(out)
-
-
-def rle_decode(rle: dict) -> np.ndarray:
-    """A COCO RLE (``counts`` a list or a compressed string) -> (H, W) bool. The runs alternate
-    background / foreground, background first, in column-major order."""
-    h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    counts = rle_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
-    if sum(counts) != h * w or min(counts, default=0) < 0:
-        raise ValueError(f"RLE counts cover {sum(counts)} pixels, not {h}x{w}")
-    values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape(w, h).T
-
-
-def rle_encode(mask: np.ndarray, compress: bool = True) -> dict:
-    """(H, W) bool -> COCO RLE ``{"size": [h, w], "counts": "<compressed>"}`` (``compress``
-    False: the run lengths as a list)."""
-    flat = np.asarray(mask, dtype=bool).T.reshape(-1)  # column-major
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0]:  # the first run is background, possibly empty
-        counts = [0, *counts]
-    return {
-        "size": [int(mask.shape[0]), int(mask.shape[1])],
-        "counts": rle_string(counts) if compress else counts,
-    }
-
-
-def _polygons(polys: list, h: int, w: int) -> np.ndarray:
-    canvas = Image.new("1", (w, h), 0)
-    draw = ImageDraw.Draw(canvas)
-    for p in polys:
-        draw.polygon([(float(p[j]), float(p[j + 1])) for j in range(0, len(p), 2)], fill=1)
-    return np.array(canvas, dtype=bool)
-
-
-def _filled_box(box: Tensor, h: int, w: int) -> np.ndarray:
-    x0, y0 = int(np.floor(float(box[0]))), int(np.floor(float(box[1])))
-    x1, y1 = max(int(np.ceil(float(box[2]))), x0 + 1), max(int(np.ceil(float(box[3]))), y0 + 1)
-    mask = np.zeros((h, w), dtype=bool)
-    mask[y0:y1, x0:x1] = True
-    return mask
-
-
 def instance_masks(entry: CocoImage, keep: Tensor, source: Path) -> Tensor:
     """(G, H, W) bool masks of the kept annotations: the segmentation where there is one (and it
     covers a pixel), else the box, filled."""
     h, w = entry.height, entry.width
     out = []
     for i in keep.nonzero().flatten().tolist():
-        seg = entry.segmentations[i]
-        mask = None
+        where = f"{source}: annotation id {entry.ann_ids[i]} of image {entry.file_name}"
         try:
-            if isinstance(seg, list):
-                mask = _polygons(seg, h, w)
-            elif isinstance(seg, dict):
-                mask = rle_decode(seg)
+            mask = segmentation_mask(entry.segmentations[i], entry.boxes[i], h, w)
         except (ValueError, TypeError) as e:
-            raise CocoFormatError(
-                f"{source}: annotation id {entry.ann_ids[i]} of image {entry.file_name}: "
-                f"unreadable segmentation ({e})"
-            ) from e
-        if mask is not None and mask.shape != (h, w):
-            raise CocoFormatError(
-                f"{source}: annotation id {entry.ann_ids[i]} of image {entry.file_name}: RLE "
-                f"size {list(mask.shape)} but the image is {h}x{w} (HxW)"
-            )
-        if mask is None or not mask.any():
-            mask = _filled_box(entry.boxes[i], h, w)
+            raise CocoFormatError(f"{where}: unreadable segmentation ({e})") from e
         out.append(torch.from_numpy(mask))
     return torch.stack(out) if out else torch.zeros(0, h, w, dtype=torch.bool)
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ssd_lightning.data.coco import CocoAnnotations, CocoDataset, CocoFormatError, read_coco
-from ssd_lightning.data.datamodule import DetectionDataModule, _check_int
+from ssd_lightning.data.datamodule import DetectionDataModule, check_int
 from ssd_lightning.data.manifest import build_split, load_json, split_names
 from ssd_lightning.data.presets import needs_masks
 
@@ -79,8 +79,8 @@ class CocoDataModule(DetectionDataModule):
                     "image count >= 0"
                 )
         else:
-            _check_int("val_size", val_size, 0)
-        _check_int("split_seed", split_seed, 0)
+            check_int("val_size", val_size, 0)
+        check_int("split_seed", split_seed, 0)
         self.root = Path(images_dir).expanduser()
         self.train_json = Path(train_json).expanduser()
         self.val_json = None if val_json is None else Path(val_json).expanduser()

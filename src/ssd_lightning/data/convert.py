@@ -22,7 +22,6 @@ from pathlib import Path
 from PIL import Image
 
 from ssd_lightning.config.paths import data_dir
-from ssd_lightning.data.coco import rle_encode
 from ssd_lightning.data.dataset import CLASS_NAMES, PEDESTRIAN, _instance_masks, load_instances
 from ssd_lightning.data.manifest import (
     IMAGE_DIR,
@@ -32,6 +31,7 @@ from ssd_lightning.data.manifest import (
     mask_name,
     split_names,
 )
+from ssd_lightning.data.segmentation import rle_encode
 
 
 def pennfudan_to_coco(root: str | Path, names: Sequence[str], first_id: int = 1) -> dict:

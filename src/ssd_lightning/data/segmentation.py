@@ -1,0 +1,110 @@
+"""COCO segmentations -> (H, W) bool masks: polygons (filled through PIL), RLE (run lengths,
+as a list or pycocotools' compressed string; decoded and encoded here, so pycocotools is not
+needed), and a filled box where an annotation has no segmentation or an empty one.
+
+Masks are (H, W) in the pixels of the stored image; RLE runs go in column-major order,
+background first (COCO's convention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+
+def rle_counts(counts: str) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``): 5-bit
+    groups with a continuation bit, counts after the second stored as differences."""
+    out: list[int] = []
+    p = 0
+    while p < len(counts):
+        x = k = 0
+        more = True
+        while more:
+            c = ord(counts[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    return out
+
+
+def rle_string(counts: Sequence[int]) -> str:
+    """Run lengths -> a compressed COCO RLE string (pycocotools' ``rleToString``)."""
+    out = []
+    for i, count in enumerate(counts):
+        x = int(count) - (int(counts[i - 2]) if i > 2 else 0)
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5  # arithmetic shift: a negative difference ends at -1
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr((c | 0x20 if more else c) + 48))
+    return "".join(out)
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """A COCO RLE (``counts`` a list or a compressed string) -> (H, W) bool. The runs alternate
+    background / foreground, background first, in column-major order."""
+    h, w = (int(v) for v in rle["size"])
+    counts = rle["counts"]
+    counts = rle_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
+    if sum(counts) != h * w or min(counts, default=0) < 0:
+        raise ValueError(f"RLE counts cover {sum(counts)} pixels, not {h}x{w}")
+    values = np.arange(len(counts)) % 2 == 1
+    return np.repeat(values, counts).reshape(w, h).T
+
+
+def rle_encode(mask: np.ndarray, compress: bool = True) -> dict:
+    """(H, W) bool -> COCO RLE ``{"size": [h, w], "counts": "<compressed>"}`` (``compress``
+    False: the run lengths as a list)."""
+    flat = np.asarray(mask, dtype=bool).T.reshape(-1)  # column-major
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:  # the first run is background, possibly empty
+        counts = [0, *counts]
+    return {
+        "size": [int(mask.shape[0]), int(mask.shape[1])],
+        "counts": rle_string(counts) if compress else counts,
+    }
+
+
+def _polygons(polys: list, h: int, w: int) -> np.ndarray:
+    canvas = Image.new("1", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    for p in polys:
+        draw.polygon([(float(p[j]), float(p[j + 1])) for j in range(0, len(p), 2)], fill=1)
+    return np.array(canvas, dtype=bool)
+
+
+def _filled_box(box: Tensor, h: int, w: int) -> np.ndarray:
+    x0, y0 = int(np.floor(float(box[0]))), int(np.floor(float(box[1])))
+    x1, y1 = max(int(np.ceil(float(box[2]))), x0 + 1), max(int(np.ceil(float(box[3]))), y0 + 1)
+    mask = np.zeros((h, w), dtype=bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def segmentation_mask(seg: Any, box: Tensor, h: int, w: int) -> np.ndarray:
+    """One annotation's (H, W) bool mask: its segmentation (polygons or RLE) where it covers a
+    pixel, else its ``box`` (4,) xyxy pixel edges, filled. A ValueError names what is wrong."""
+    mask = None
+    if isinstance(seg, list):
+        mask = _polygons(seg, h, w)
+    elif isinstance(seg, dict):
+        mask = rle_decode(seg)
+        if mask.shape != (h, w):
+            raise ValueError(f"RLE size {list(mask.shape)} but the image is {h}x{w} (HxW)")
+    if mask is None or not mask.any():
+        mask = _filled_box(box, h, w)
+    return mask

@@ -1,0 +1,155 @@
+"""The export's parity check: the three ONNX graphs in onnxruntime (CPU) against the PyTorch
+model on real images (``check_parity``), and its one-line-per-graph summary.
+
+Boxes are xyxy; the detector's and the post-processing's in original image pixels, compared in
+network-input pixels for the detector (its fp32 noise scales with the resize).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ssd_lightning.core.postprocess import postprocess
+from ssd_lightning.core.ssd import SSD
+from ssd_lightning.data.images import IMAGE_SUFFIXES, InputError, read_rgb
+from ssd_lightning.data.presets import build_eval_transform
+from ssd_lightning.tools.onnx_runtime import (
+    DETECTOR,
+    NETWORK,
+    POSTPROCESS,
+    OnnxDetector,
+    open_session,
+    per_image,
+)
+
+# the bounds (see check_parity)
+NETWORK_TOLERANCE, POSTPROCESS_BOX_PX, DETECTOR_BOX_PX, SCORE_TOLERANCE = 1e-5, 1e-3, 1e-2, 1e-4
+
+
+def check_images(folder: str | Path, count: int, image_size: int) -> tuple[Tensor, Tensor, list]:
+    """The first ``count`` images of ``folder`` (sorted) as the network sees them: images
+    (B,3,S,S) in [0,1], orig_sizes (B,2) (h, w), and their paths."""
+    root = Path(folder).expanduser()
+    files = sorted(p for p in root.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
+    if not files:
+        raise InputError(
+            f"check.images={root}: no images there for the parity check (give a folder of photos, "
+            "or check.enabled=false)"
+        )
+    transform = build_eval_transform(image_size)
+    originals = [read_rgb(f) for f in files]
+    images = torch.stack([transform(img) for img in originals])
+    sizes = torch.tensor([list(img.shape[-2:]) for img in originals])
+    return images, sizes, files
+
+
+def compare_detections(
+    ours: Sequence[Mapping[str, Tensor]],
+    ref: Sequence[Mapping[str, Tensor]],
+    box_tolerance: float,
+    px_scale: Tensor | None = None,
+) -> dict[str, Any]:
+    """Per image: the same number of detections, and each of ours matched one to one to the
+    reference box nearest to it with the same label. Box differences are in the boxes' pixels,
+    or divided by ``px_scale`` (B,2) (h, w) (e.g. original pixels per network-input pixel)."""
+    worst_box = worst_score = 0.0
+    count_mismatch = []
+    for i, (o, r) in enumerate(zip(ours, ref, strict=True)):
+        if len(o["boxes"]) != len(r["boxes"]):
+            count_mismatch.append(i)
+            continue
+        if not len(o["boxes"]):
+            continue
+        scale = 1.0 if px_scale is None else px_scale[i].flip(0).repeat(2).float()  # w h w h
+        dist = ((o["boxes"][:, None] - r["boxes"][None]).abs() / scale).amax(-1)  # (K, K)
+        dist[o["labels"][:, None] != r["labels"][None]] = float("inf")
+        nearest = dist.argmin(1)
+        worst_box = max(worst_box, float(dist.min(1).values.max()))
+        if nearest.unique().numel() < len(nearest):  # two of ours on one reference box
+            worst_box = float("inf")
+        worst_score = max(worst_score, float((o["scores"] - r["scores"][nearest]).abs().max()))
+    return {
+        "detections": sum(len(d["boxes"]) for d in ref),
+        "max_box_diff_px": worst_box,
+        "max_score_diff": worst_score,
+        "count_mismatch_images": count_mismatch,
+        "ok": not count_mismatch and worst_box <= box_tolerance and worst_score <= SCORE_TOLERANCE,
+    }
+
+
+def check_parity(
+    net: SSD, meta: Mapping[str, Any], images: Tensor, orig_sizes: Tensor
+) -> dict[str, Any]:
+    """The three graphs in onnxruntime (CPU) against the PyTorch model on ``images`` (B,3,S,S)
+    in [0,1] with ``orig_sizes`` (B,2) (h, w):
+
+    - ``network``: loc / logits within NETWORK_TOLERANCE of SSD.forward's, relative to their
+      largest magnitude (fp32 kernels differ in summation order);
+    - ``postprocess``, fed SSD.forward's own outputs: core ``postprocess``'s detections, boxes
+      within POSTPROCESS_BOX_PX original pixels, scores within SCORE_TOLERANCE;
+    - ``detector``, end to end, on the batch and on its first image alone (the batch axis is
+      dynamic): SSD.detect's detections, boxes within DETECTOR_BOX_PX network-input pixels (the
+      network's fp32 noise moves them, more so where its outputs are extreme).
+    """
+    files, thr = meta["files"], meta["thresholds"]
+    net = net.to("cpu", torch.float32).eval()
+    with torch.no_grad():
+        loc, logits = net(images)
+    result: dict[str, Any] = {"images": len(images)}
+
+    network, _ = open_session(files[NETWORK], device="cpu")
+    got = network.run(None, {"images": images.numpy()})
+    rel = max(
+        float((torch.from_numpy(g) - r).abs().max() / r.abs().max().clamp(min=1.0))
+        for g, r in zip(got, (loc, logits, net.anchors_cxcywh), strict=True)
+    )
+    result[NETWORK] = {"max_rel_diff": rel, "ok": rel <= NETWORK_TOLERANCE}
+
+    post, _ = open_session(files[POSTPROCESS], device="cpu")
+    feeds = {"loc": loc.numpy(), "logits": logits.numpy(), "orig_sizes": orig_sizes.numpy()}
+    got = per_image(post.run(None, feeds), len(images), thr["score_threshold"], thr["top_k"])
+    ref = postprocess(loc, logits, net.anchors_cxcywh, orig_sizes, **thr)
+    result[POSTPROCESS] = compare_detections(got, ref, POSTPROCESS_BOX_PX)
+
+    detector = OnnxDetector(files[DETECTOR], device="cpu")
+    scale = orig_sizes / images.shape[-1]  # (B, 2) original pixels per input pixel
+    parts = []
+    for batch, sizes, sc in ((images, orig_sizes, scale), (images[:1], orig_sizes[:1], scale[:1])):
+        ref = net.detect(batch, sizes, **thr)
+        parts.append(compare_detections(detector.detect(batch, sizes), ref, DETECTOR_BOX_PX, sc))
+    result[DETECTOR] = {
+        "detections": parts[0]["detections"],
+        "max_box_diff_input_px": max(p["max_box_diff_px"] for p in parts),
+        "max_score_diff": max(p["max_score_diff"] for p in parts),
+        "count_mismatch_images": parts[0]["count_mismatch_images"],
+        "ok": all(p["ok"] for p in parts),
+    }
+    result["ok"] = all(result[g]["ok"] for g in (NETWORK, POSTPROCESS, DETECTOR))
+    return result
+
+
+def parity_summary(parity: Mapping[str, Any]) -> str:
+    """One line per graph: what was compared and how close it came."""
+    net, post, det = parity[NETWORK], parity[POSTPROCESS], parity[DETECTOR]
+
+    def counts(p: Mapping[str, Any]) -> str:
+        bad = p["count_mismatch_images"]
+        return f"counts differ on images {bad}" if bad else f"{p['detections']} detections"
+
+    return "\n".join(
+        [
+            f"network:     loc/logits within {net['max_rel_diff']:.2g} relative (allowed "
+            f"{NETWORK_TOLERANCE})",
+            f"postprocess: {counts(post)}, boxes within {post['max_box_diff_px']:.2g} px "
+            f"(allowed {POSTPROCESS_BOX_PX}), scores within {post['max_score_diff']:.2g} "
+            f"(allowed {SCORE_TOLERANCE})",
+            f"detector:    {counts(det)}, boxes within {det['max_box_diff_input_px']:.2g} px "
+            f"of the input (allowed {DETECTOR_BOX_PX}), scores within "
+            f"{det['max_score_diff']:.2g} (allowed {SCORE_TOLERANCE})",
+        ]
+    )

@@ -1,0 +1,47 @@
+"""The package's layout rules (DEVELOPERS.md): the tree shows the architecture, files stay short."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "ssd_lightning"
+LAYERS = {"core", "data", "training", "config", "tools"}
+ENTRY_POINTS = {
+    "__init__.py",
+    "train.py",
+    "evaluate.py",
+    "predict.py",
+    "export.py",
+    "anchors.py",
+    "summarize.py",
+    "benchmark.py",
+    "visualize.py",
+}
+MAX_LINES = 330  # "~300"
+# one concept each that reads better whole; DEVELOPERS.md says why
+LONG_FILES = {
+    "visualize.py",
+    "training/lit_module.py",
+    "tools/summarize.py",
+    "training/callbacks.py",
+    "data/coco.py",
+}
+
+
+def test_only_the_entry_points_and_the_layers_at_the_top() -> None:
+    top = {p.name for p in PACKAGE.iterdir() if p.name != "__pycache__"}
+    assert top - ENTRY_POINTS - LAYERS == set()
+
+
+def test_files_stay_short_or_are_named_in_developers_md() -> None:
+    developers = (ROOT / "DEVELOPERS.md").read_text()
+    too_long = {
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if len(path.read_text().splitlines()) > MAX_LINES
+    }
+    unexplained = too_long - LONG_FILES
+    assert not unexplained, f"split them, or say why in DEVELOPERS.md: {unexplained}"
+    for name in LONG_FILES:
+        assert f"`{name}`" in developers
