@@ -51,9 +51,9 @@ step benchmark_cuda_bf16_compile 300 "$PY" -m ssd_lightning.benchmark device=cud
     'batch_sizes=[32,128]' steps=20 warmup=10 repeats=5 compile=true \
     'sections=[bare,step,inference]' out="$OUT/benchmark_cuda_bf16_compile.json"
 
-# 3. the default recipe end to end (360 epochs, validation every epoch), start-up included.
+# 3. the default recipe end to end (360 epochs, validation every 10), start-up included.
 #    RECIPE_ARGS adds overrides to both runs, e.g. to fit a short device budget:
-#    RECIPE_ARGS="trainer.check_val_every_n_epoch=10" (or a shorter trainer.max_epochs)
+#    RECIPE_ARGS="trainer.max_epochs=120" (validation then every 3 epochs)
 read -r -a RECIPE_EXTRA <<< "${RECIPE_ARGS:-}"
 #    a) exactly `python -m ssd_lightning.train` (on a GPU: bf16-mixed and the GPU data path)
 step recipe_default 600 "$PY" -m ssd_lightning.train "${RECIPE_EXTRA[@]}" \

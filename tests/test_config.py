@@ -11,6 +11,8 @@ import torch
 from conftest import ROOT, make_cfg
 from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
+from hypothesis import given
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from ssd_lightning.config import ConfigError, resolvers
@@ -145,6 +147,25 @@ def test_precision_follows_the_device(monkeypatch: pytest.MonkeyPatch, tmp_path:
     if not torch.cuda.is_available():
         assert resolvers.auto_precision("gpu") == "32-true"
     assert make_cfg(["trainer.precision=32-true"], tmp_path / "r").trainer.precision == "32-true"
+
+
+@given(epochs=st.integers(1, 2000), validations=st.integers(1, 100))
+def test_validation_interval_validates_the_last_epoch_about_n_times(epochs, validations) -> None:
+    every = resolvers.validation_interval(epochs, validations)
+    assert epochs % every == 0  # so the last epoch is validated
+    assert epochs // every >= min(epochs, validations)  # at least the validations asked for
+    if epochs < 2 * validations:
+        assert every == 1
+
+
+def test_long_runs_validate_every_few_epochs(tmp_path: Path) -> None:
+    """The default run (360 epochs) validates every 10; short runs every epoch; an int wins."""
+    assert make_cfg([], tmp_path / "a").trainer.check_val_every_n_epoch == 10
+    short = make_cfg(["trainer.max_epochs=20"], tmp_path / "b")
+    assert short.trainer.check_val_every_n_epoch == 1
+    fixed = make_cfg(["trainer.check_val_every_n_epoch=3"], tmp_path / "c")
+    assert fixed.trainer.check_val_every_n_epoch == 3
+    assert resolvers.validation_interval(None) == resolvers.validation_interval(-1) == 1
 
 
 def test_clipping_a_fused_optimizer_in_mixed_precision_is_refused(tmp_path: Path) -> None:

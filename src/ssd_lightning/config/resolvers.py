@@ -10,6 +10,8 @@ which every entry point and ``compose`` import first.
 - ``${ssd_options:<group>}``          the options of a config group (for the --help texts)
 - ``${ssd_coco_classes:<train_json>}`` K + 1 for the K categories of a COCO file: the data's
                                       ``num_classes``, which ``model.net.num_classes`` follows
+- ``${ssd_val_every:<max_epochs>,<n>}`` the trainer's ``check_val_every_n_epoch`` for about ``n``
+                                      validations a run
 """
 
 from __future__ import annotations
@@ -61,6 +63,21 @@ def auto_precision(accelerator: Any = "auto") -> str:
     return "bf16-mixed" if on_cpu and cpu_has_native_bf16() else "32-true"
 
 
+def validation_interval(max_epochs: Any, validations: Any = 36) -> int:
+    """Validate about ``validations`` times a run, always in the last epoch: every epoch for runs
+    of fewer than 2 x ``validations`` epochs (or without ``max_epochs``), else every d epochs,
+    d the largest divisor of ``max_epochs`` up to ``max_epochs / validations`` (360 epochs, 36:
+    every 10). A validation costs about a quarter of a training epoch on Penn-Fudan on a CPU."""
+    try:
+        epochs, wanted = int(max_epochs), int(validations)
+    except (TypeError, ValueError):
+        return 1
+    if epochs < 1 or wanted < 1:
+        return 1
+    most = max(1, epochs // wanted)
+    return max(d for d in range(1, most + 1) if epochs % d == 0)
+
+
 def coco_classes(train_json: Any) -> int:
     # imported on use: reading a dataset is the data package's job, and only data=coco asks
     from ssd_lightning.data.coco import coco_num_classes
@@ -74,6 +91,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ssd_monitor_mode", monitor_mode, replace=True)
     OmegaConf.register_new_resolver("ssd_precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("ssd_coco_classes", coco_classes, replace=True)
+    OmegaConf.register_new_resolver("ssd_val_every", validation_interval, replace=True)
     OmegaConf.register_new_resolver(
         "ssd_options", lambda group: ", ".join(available_options(group)), replace=True
     )
