@@ -178,8 +178,8 @@ class SafeBoxCenteredCrop(v2.Transform):
 
 class BoundedRandomIoUCrop(v2.RandomIoUCrop):
     """torchvision's RandomIoUCrop with its outer `while True` bounded by `max_rounds` (after
-    which: no crop). Kept for the `iou_crop` preset, to show why the design moved away from it;
-    the sampling is the parent's, round for round."""
+    which: no crop), so it cannot spin on small, tall pedestrians; for the `iou_crop` preset. The
+    sampling is the parent's, round for round."""
 
     def __init__(self, *args: Any, max_rounds: int = 10, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
