@@ -19,10 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssd_lightning.core.plain import to_plain
 from ssd_lightning.data.batch import PlanBatch, collate_fn, plan_collate
-from ssd_lightning.data.dataset import (
-    CLASS_NAMES,
-    DetectionDataset,
-)
+from ssd_lightning.data.dataset import CLASS_NAMES, DetectionDataset
 from ssd_lightning.data.gpu.pixels import GpuAugmenter
 from ssd_lightning.data.gpu.plan import GpuPlanDataset, unplannable_steps
 from ssd_lightning.data.presets import (

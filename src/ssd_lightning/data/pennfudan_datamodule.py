@@ -1,8 +1,6 @@
 """`PennFudanDataModule`: the vendored Penn-Fudan (verified against its manifest, or downloaded
-into another root) with the committed train / val split, on `DetectionDataModule`'s loaders.
-
-Batches are `batch.Batch`: images (B,3,S,S) float [0,1], boxes (B,G,4) xyxy in network-input
-pixels [0,S] (train: after augmentation; val/test: resized ground truth), orig_sizes (H,W).
+into another root) with the committed train / val split, on `DetectionDataModule`'s loaders
+(the batch format is described there).
 """
 
 from __future__ import annotations
@@ -17,10 +15,7 @@ from torch import Tensor
 
 from ssd_lightning.config.paths import data_dir
 from ssd_lightning.data.datamodule import DetectionDataModule, check_choice, check_int
-from ssd_lightning.data.dataset import (
-    PennFudanDataset,
-    load_instances,
-)
+from ssd_lightning.data.dataset import PennFudanDataset, load_instances
 from ssd_lightning.data.download import URL, download_pennfudan
 from ssd_lightning.data.manifest import (
     IMAGE_DIR,
