@@ -1,12 +1,15 @@
-"""MultiBox loss: equal to torchvision's SSD.compute_loss, plus mining invariants."""
+"""MultiBox loss: equal to torchvision's SSD.compute_loss (and its IoU losses), plus mining
+invariants."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.ssd import SSD as TorchvisionSSD
+from torchvision.ops import box_iou, distance_box_iou_loss, generalized_box_iou_loss
 
 from ssd_lightning.core.loss import MultiBoxLoss
 from ssd_lightning.core.matching import match_anchors
@@ -97,3 +100,77 @@ def test_batch_without_any_gt_is_finite_and_trains_the_class_head():
 def test_bad_settings_name_the_key():
     with pytest.raises(ValueError, match="model.loss.neg_ratio"):
         MultiBoxLoss(neg_ratio=0)
+
+
+@pytest.mark.parametrize("name", ["giou", "diou"])
+def test_iou_box_loss_equals_torchvision_on_the_decoded_positives(name):
+    gen = torch.Generator().manual_seed(2)
+    boxes, labels, mask = random_gt([3, 1], gen)
+    loc = 0.5 * torch.randn(2, N, 4, generator=gen)
+    logits = torch.randn(2, N, 2, generator=gen)
+    out = MultiBoxLoss(box_loss=name, box_weight=2.5)(
+        loc, logits, boxes, labels, mask, ANCHORS_CXCYWH, ANCHORS_XYXY
+    )
+    # reference: torchvision's BoxCoder decodes (weights 1/variances), torchvision's IoU loss
+    matched = match_anchors(boxes, mask, ANCHORS_XYXY)
+    pos = matched >= 0
+    coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+    anchors = ANCHORS_XYXY.expand(2, N, 4)[pos]
+    pred = coder.decode_single(loc[pos], anchors)
+    gt = boxes.gather(1, matched.clamp(min=0)[..., None].expand(2, N, 4))[pos]
+    loss_fn = generalized_box_iou_loss if name == "giou" else distance_box_iou_loss
+    expected = 2.5 * loss_fn(pred, gt, reduction="sum") / pos.sum()
+    torch.testing.assert_close(out.box, expected, atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(st.integers(0, 4), min_size=1, max_size=3),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["giou", "diou"]),
+    st.floats(0.0, 30.0),
+)
+def test_iou_box_loss_is_finite_with_padding_and_wild_offsets(counts, seed, name, spread):
+    # padded GT slots (zero boxes) and offsets far outside the anchors: loss and gradient finite
+    gen = torch.Generator().manual_seed(seed)
+    boxes, labels, mask = random_gt(counts, gen)
+    loc = (spread * torch.randn(len(counts), N, 4, generator=gen)).requires_grad_()
+    logits = torch.randn(len(counts), N, 2, generator=gen)
+    out = MultiBoxLoss(box_loss=name)(
+        loc, logits, boxes, labels, mask, ANCHORS_CXCYWH, ANCHORS_XYXY
+    )
+    assert torch.isfinite(out.total) and out.box >= 0
+    out.total.backward()
+    assert torch.isfinite(loc.grad).all()
+    if sum(counts) == 0:
+        assert out.box.item() == 0
+
+
+def test_iou_box_loss_gradient_tightens_the_box():
+    # one GT matched by anchors whose predicted boxes are off: a step down the gradient raises
+    # the IoU of every positive's decoded box with its GT
+    gen = torch.Generator().manual_seed(3)
+    boxes, labels, mask = random_gt([2], gen)
+    loc = (0.3 * torch.randn(1, N, 4, generator=gen)).requires_grad_()
+    logits = torch.zeros(1, N, 2)
+    loss = MultiBoxLoss(box_loss="giou")
+    loss(loc, logits, boxes, labels, mask, ANCHORS_CXCYWH, ANCHORS_XYXY).box.backward()
+    matched = match_anchors(boxes, mask, ANCHORS_XYXY)[0]
+    pos = matched >= 0
+    coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
+    gt = boxes[0, matched[pos]]
+
+    def ious(offsets):
+        pred = coder.decode_single(offsets[0][pos], ANCHORS_XYXY[pos])
+        return box_iou(pred, gt).diagonal()
+
+    with torch.no_grad():
+        before, after = ious(loc), ious(loc - 0.05 * loc.grad / loc.grad.abs().max())
+    assert (after > before).float().mean() > 0.9
+
+
+def test_unknown_box_loss_names_the_key_and_the_choices():
+    with pytest.raises(ValueError, match=r"model.loss.box_loss='iou'.*smooth_l1, giou, diou"):
+        MultiBoxLoss(box_loss="iou")
+    with pytest.raises(ValueError, match="model.loss.box_weight"):
+        MultiBoxLoss(box_loss="giou", box_weight=0)

@@ -67,6 +67,7 @@ def run_info(cfg: DictConfig) -> dict[str, Any]:
         "max_epochs": sel(cfg, "trainer.max_epochs"),
         "precision": str(sel(cfg, "trainer.precision")),
         "neg_ratio": sel(cfg, "model.loss.neg_ratio"),
+        "box_loss": sel(cfg, "model.loss.box_loss"),
         "head_kernel_size": sel(cfg, "model.net.head_kernel_size"),
         "ema_decay": sel(cfg, "model.ema_decay"),
         "seed": sel(cfg, "seed"),
