@@ -175,6 +175,35 @@ def test_test_after_fit_equals_evaluate(tiny_run: dict, tmp_path: Path) -> None:
         assert after_fit[key] == expected, key
 
 
+def test_evaluate_computes_val_loss_with_the_models_own_loss(
+    tiny_run: dict, tmp_path: Path
+) -> None:
+    """The loss travels with the model (.ckpt and .pt): evaluate's val/loss is the run's loss
+    (model.loss=null, the default), not the design's, unless the user names another."""
+    run = tiny_run["dir"]
+    _, info = load_model(run / "ssd_resnet34_best.pt")
+    _, ckpt_info = load_model(run / "checkpoints" / "last.ckpt")
+    assert info["loss"] == ckpt_info["loss"] == MultiBoxLoss().config
+    # the same weights as if trained with an IoU loss
+    blob = torch.load(run / "ssd_resnet34_best.pt", weights_only=True)
+    giou = {**blob["loss"], "box_loss": "giou", "box_weight": 5.0}
+    torch.save({**blob, "loss": giou}, tmp_path / "giou.pt")
+    args = ["data.batch_size=2", "data.num_workers=0", "trainer.precision=32-true"]
+
+    def val_loss(ckpt: Path, *extra: str) -> float:
+        out = tmp_path / f"{ckpt.stem}{len(extra)}"
+        cfg = make_cfg([f"ckpt_path={ckpt}", *args, *extra], out, "evaluate")
+        return evaluate(cfg, show=lambda _: None)["val/loss"]
+
+    stored = val_loss(tmp_path / "giou.pt")
+    named = (
+        "model.loss={_target_: ssd_lightning.core.loss.MultiBoxLoss, box_loss: giou, box_weight: 5}"
+    )
+    assert stored == pytest.approx(val_loss(run / "ssd_resnet34_best.pt", named), rel=1e-5)
+    design = json.loads((run / "eval_metrics.json").read_text())["val/loss"]
+    assert stored != pytest.approx(design, rel=1e-3)
+
+
 def test_resume_continues_exactly(tiny_run: dict, tmp_path: Path) -> None:
     """ckpt_path=: resume from another run's checkpoint into a new run dir."""
     last = tiny_run["dir"] / "checkpoints" / "last.ckpt"

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ssd_lightning.config.cli import hydra_main
 from ssd_lightning.config.compose import instantiate_checked
 from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.core.loss import MultiBoxLoss
 from ssd_lightning.training.checkpoint import load_model
 from ssd_lightning.training.lit_module import SSDLitModule
 from ssd_lightning.training.run_outputs import write_metrics_json
@@ -77,9 +78,10 @@ _EVAL_TRAINER = {
 def run_eval_config(run_cfg: DictConfig, ckpt_path: str | Path, output: str | Path) -> DictConfig:
     """The evaluate config that matches a training run (``test_after_fit``): this tool's config
     with the run's data (its root, split, val_size, batch size, ...), evaluation thresholds,
-    loss, seed and device, i.e. ``python -m ssd_lightning.evaluate ckpt_path=<file>`` with those
-    values as overrides. The whole validation split is evaluated (``trainer.limit_val_batches``
-    of the run does not apply)."""
+    seed and device (the loss is the model's own, stored with it), i.e.
+    ``python -m ssd_lightning.evaluate ckpt_path=<file>`` with those values as overrides. The
+    whole validation split is evaluated (``trainer.limit_val_batches`` of the run does not
+    apply)."""
 
     def plain(key: str) -> Any:
         return OmegaConf.to_container(OmegaConf.select(run_cfg, key), resolve=True)
@@ -93,7 +95,7 @@ def run_eval_config(run_cfg: DictConfig, ckpt_path: str | Path, output: str | Pa
             "seed": OmegaConf.select(run_cfg, "seed"),
             "output": str(output),
             "data": data,
-            "model": {"evaluate": plain("model.evaluate"), "loss": plain("model.loss")},
+            "model": {"evaluate": plain("model.evaluate")},
             "trainer": trainer,
         }
     )
@@ -121,11 +123,11 @@ def evaluate(cfg: DictConfig, show: Callable[[str], Any] = _print_report) -> dic
         cfg.data.image_size = int(net.image_size)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed))
-    module = SSDLitModule(
-        net=net,
-        loss=instantiate_checked(cfg.model.loss, "model.loss"),
-        evaluate=OmegaConf.to_container(cfg.model.evaluate),
-    )
+    if cfg.model.get("loss") is None:  # as the model was trained (the design's when unknown)
+        loss = MultiBoxLoss(**(info.get("loss") or {}))
+    else:
+        loss = instantiate_checked(cfg.model.loss, "model.loss")
+    module = SSDLitModule(net=net, loss=loss, evaluate=OmegaConf.to_container(cfg.model.evaluate))
     with open_dict(cfg):  # the data's classes are the checkpoint's, not checked against config
         cfg.data.num_classes = None
     datamodule = instantiate_checked(cfg.data, "data")

@@ -79,6 +79,13 @@ class MultiBoxLoss(nn.Module):
         self.box_loss = box_loss
         self.box_weight = box_weight
 
+    @property
+    def config(self) -> dict[str, float | str]:
+        """The constructor arguments (but the variances, which belong to the box coding): stored
+        with a trained model so that its val/loss can be computed again as the run did."""
+        keys = ("neg_ratio", "beta", "iou_threshold", "box_loss", "box_weight")
+        return {k: getattr(self, k) for k in keys}
+
     def forward(
         self,
         loc: Tensor,

@@ -317,6 +317,7 @@ class BestModel(Callback):
             {
                 "predict": dict(pl_module.predict_cfg),
                 "evaluate": dict(pl_module.eval_cfg),
+                "loss": pl_module.criterion.config,
                 "class_names": list(getattr(pl_module, "class_names", CLASS_NAMES)),
                 "epoch": int(trainer.current_epoch),
                 "global_step": int(trainer.global_step),

@@ -8,7 +8,8 @@ Two kinds of file hold a trained network:
   ``state_dict["ema.net.*"]`` (the moving average, the network the run validated) when the run
   kept one (``model.ema_decay``);
 - the exported ``<run>/ssd_resnet34_best.pt``: ``{"config": SSD constructor args,
-  "state_dict": ..., "predict": ..., "evaluate": ..., "class_names": ...}``, no Lightning needed.
+  "state_dict": ..., "predict": ..., "evaluate": ..., "loss": ..., "class_names": ...}``, no
+  Lightning needed.
 
 Both are read with ``torch.load(weights_only=True)``: a file that would run code when unpickled
 is refused. This module imports no Lightning (``predict`` uses it on the exported file).
@@ -101,7 +102,8 @@ def load_model(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[SSD, dict[str, Any]]:
     """The network of a Lightning ``.ckpt`` or an exported ``.pt``, in eval mode, and the info
-    stored with it: ``predict`` / ``evaluate`` thresholds, ``class_names``, ``epoch``,
+    stored with it: ``predict`` / ``evaluate`` thresholds, ``loss`` (the ``MultiBoxLoss``
+    arguments; None in files older than the option), ``class_names``, ``epoch``,
     ``global_step`` (where known)."""
     blob = read_checkpoint(path)
     net = build_net(net_config(blob, path), net_state(blob), path)
@@ -112,6 +114,7 @@ def load_model(
         info = {
             "predict": entry.get("predict"),
             "evaluate": entry.get("evaluate"),
+            "loss": entry.get("loss"),
             "class_names": entry.get("class_names"),
             "epoch": blob.get("epoch"),
             "global_step": blob.get("global_step"),

@@ -430,6 +430,7 @@ class SSDLitModule(L.LightningModule):
             "ema": self.ema is not None,  # then state_dict["ema.net.*"] is the network to use
             "predict": dict(self.predict_cfg),
             "evaluate": dict(self.eval_cfg),
+            "loss": self.criterion.config,
             "nonfinite_total": self.nonfinite_total,
             "class_names": list(self.class_names),
         }
