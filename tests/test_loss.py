@@ -174,3 +174,9 @@ def test_unknown_box_loss_names_the_key_and_the_choices():
         MultiBoxLoss(box_loss="iou")
     with pytest.raises(ValueError, match="model.loss.box_weight"):
         MultiBoxLoss(box_loss="giou", box_weight=0)
+
+
+def test_box_weight_defaults_to_the_losss_own():
+    assert MultiBoxLoss().box_weight == 1.0
+    assert MultiBoxLoss(box_loss="giou").box_weight == MultiBoxLoss(box_loss="diou").box_weight == 5
+    assert MultiBoxLoss(box_loss="giou", box_weight=2).config["box_weight"] == 2

@@ -196,9 +196,7 @@ def test_evaluate_computes_val_loss_with_the_models_own_loss(
         return evaluate(cfg, show=lambda _: None)["val/loss"]
 
     stored = val_loss(tmp_path / "giou.pt")
-    named = (
-        "model.loss={_target_: ssd_lightning.core.loss.MultiBoxLoss, box_loss: giou, box_weight: 5}"
-    )
+    named = "model.loss={_target_: ssd_lightning.core.loss.MultiBoxLoss, box_loss: giou}"
     assert stored == pytest.approx(val_loss(run / "ssd_resnet34_best.pt", named), rel=1e-5)
     design = json.loads((run / "eval_metrics.json").read_text())["val/loss"]
     assert stored != pytest.approx(design, rel=1e-3)

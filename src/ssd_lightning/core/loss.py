@@ -20,6 +20,9 @@ from ssd_lightning.core.matching import match_anchors
 # box loss name -> loss of (pred, target) xyxy boxes, elementwise; smooth_l1 works on offsets
 IOU_LOSSES = {"giou": generalized_box_iou_loss, "diou": distance_box_iou_loss}
 BOX_LOSSES = ("smooth_l1", *IOU_LOSSES)
+# box_weight=None: the weight that gives each loss about smooth-L1's gradient at a typical
+# trained offset error (see MultiBoxLoss)
+DEFAULT_BOX_WEIGHTS = {"smooth_l1": 1.0, "giou": 5.0, "diou": 5.0}
 
 
 @dataclass
@@ -44,9 +47,10 @@ class MultiBoxLoss(nn.Module):
 
     ``box_loss``: ``smooth_l1`` (the design: smooth-L1 with ``beta`` on the variance-scaled
     offsets, summed over the 4 coordinates) or ``giou`` / ``diou`` (1 - GIoU / DIoU of the
-    decoded box and its GT, per positive). An IoU loss moves a box ~5x less per unit of loss than
-    smooth-L1 on offsets scaled by the variances (0.1, 0.2), hence ``box_weight`` (YOLOX weighs
-    its IoU loss 5x as well).
+    decoded box and its GT, per positive). ``box_weight`` scales it against the class loss;
+    None picks 1 for smooth-L1 and 5 for the IoU losses: at an offset error of ~0.17 per
+    coordinate (a trained model's) their gradient is ~0.18x smooth-L1's on offsets scaled by
+    the variances (0.1, 0.2); YOLOX weighs its IoU loss 5x as well.
     """
 
     def __init__(
@@ -56,18 +60,20 @@ class MultiBoxLoss(nn.Module):
         iou_threshold: float = 0.5,
         variances: tuple[float, float] = VARIANCES,
         box_loss: str = "smooth_l1",
-        box_weight: float = 1.0,
+        box_weight: float | None = None,
     ):
         super().__init__()
         if box_loss not in BOX_LOSSES:
             raise ValueError(
                 f"model.loss.box_loss={box_loss!r}: allowed values are {', '.join(BOX_LOSSES)}"
             )
+        if box_weight is None:
+            box_weight = DEFAULT_BOX_WEIGHTS[box_loss]
         for key, value, ok, allowed in (
             ("neg_ratio", neg_ratio, lambda v: v > 0, "a number > 0"),
             ("beta", beta, lambda v: v > 0, "a number > 0"),
             ("iou_threshold", iou_threshold, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-            ("box_weight", box_weight, lambda v: v > 0, "a number > 0"),
+            ("box_weight", box_weight, lambda v: v > 0, "a number > 0 or null"),
         ):
             number = isinstance(value, int | float) and not isinstance(value, bool)
             if not (number and math.isfinite(value) and ok(value)):
