@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_cfg, run_cli, tiny
+from conftest import ROOT, make_cfg, run_cli, tiny
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
+from ssd_lightning.config.compose import instantiate_checked
 from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.config.validation import validate_config
 from ssd_lightning.tools.search import check_objective, objective_value
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
@@ -90,3 +95,27 @@ def test_the_objective_is_checked(tmp_path: Path) -> None:
         objective_value(cfg, {"train/loss": 1.0, "val/map_50": 0.5, "epoch": 3})
     assert objective_value(cfg, {"val/map_75": 0.25}) == 0.25
     assert math.isnan(objective_value(cfg, {"val/map_75": float("nan")}))
+
+
+SEARCHES = sorted(p.stem for p in (ROOT / "conf" / "hparams_search").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SEARCHES)
+def test_every_searched_key_exists_and_every_choice_builds(name: str, tmp_path: Path) -> None:
+    """A typo in a search space would fail only at the first trial (or, for a group, never be
+    searched): every key is in the composed config, every choice composes and builds."""
+    search = [f"hparams_search={name}", "model.net.weights=none", "model.net.image_size=128"]
+    make_cfg(search, tmp_path)
+    hydra = HydraConfig.get()
+    for key, spec in hydra.sweeper.params.items():
+        options = re.fullmatch(r"choice\((.*)\)", str(spec).strip())
+        if key in hydra.runtime.choices:  # a config group: its options are files
+            assert options, f"{name}: {key}: {spec}"
+        if not options:
+            cfg = make_cfg(search, tmp_path)
+            assert OmegaConf.select(cfg, key) is not None, f"{name}: no key {key}"
+            continue
+        for value in (v.strip() for v in options.group(1).split(",")):
+            cfg = make_cfg([*search, f"{key}={value}"], tmp_path)
+            validate_config(cfg)
+            instantiate_checked(cfg.model, "model")
