@@ -21,7 +21,7 @@ from ssd_lightning.core.loss import MultiBoxLoss
 from ssd_lightning.core.ssd import SSD
 from ssd_lightning.evaluate import evaluate
 from ssd_lightning.train import train
-from ssd_lightning.training.checkpoint import load_model
+from ssd_lightning.training.checkpoint import CheckpointError, load_model
 from ssd_lightning.training.run_outputs import run_tags
 
 
@@ -200,6 +200,10 @@ def test_evaluate_computes_val_loss_with_the_models_own_loss(
     assert stored == pytest.approx(val_loss(run / "ssd_resnet34_best.pt", named), rel=1e-5)
     design = json.loads((run / "eval_metrics.json").read_text())["val/loss"]
     assert stored != pytest.approx(design, rel=1e-3)
+    # a file whose stored loss is broken: one message naming the file, not a traceback
+    torch.save({**blob, "loss": {**giou, "box_loss": "l2"}}, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError, match=r"broken.pt: its stored loss .*box_loss='l2'"):
+        val_loss(tmp_path / "broken.pt")
 
 
 def test_resume_continues_exactly(tiny_run: dict, tmp_path: Path) -> None:

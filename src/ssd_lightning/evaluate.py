@@ -26,7 +26,7 @@ from ssd_lightning.config.cli import hydra_main
 from ssd_lightning.config.compose import instantiate_checked
 from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.core.loss import MultiBoxLoss
-from ssd_lightning.training.checkpoint import load_model
+from ssd_lightning.training.checkpoint import CheckpointError, load_model
 from ssd_lightning.training.lit_module import SSDLitModule
 from ssd_lightning.training.run_outputs import write_metrics_json
 
@@ -124,7 +124,12 @@ def evaluate(cfg: DictConfig, show: Callable[[str], Any] = _print_report) -> dic
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed))
     if cfg.model.get("loss") is None:  # as the model was trained (the design's when unknown)
-        loss = MultiBoxLoss(**(info.get("loss") or {}))
+        try:
+            loss = MultiBoxLoss(**(info.get("loss") or {}))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(
+                f"ckpt_path={ckpt}: its stored loss does not build ({e})"
+            ) from None
     else:
         loss = instantiate_checked(cfg.model.loss, "model.loss")
     module = SSDLitModule(net=net, loss=loss, evaluate=OmegaConf.to_container(cfg.model.evaluate))
