@@ -18,6 +18,8 @@ from _synthetic import anchors_300, random_gt
 
 ANCHORS_CXCYWH, ANCHORS_XYXY = anchors_300()
 N = ANCHORS_XYXY.shape[0]
+# torchvision's decoder for our coding: weights 1 / variances (0.1, 0.2)
+TV_CODER = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
 
 
 def _torchvision_ssd():
@@ -111,12 +113,11 @@ def test_iou_box_loss_equals_torchvision_on_the_decoded_positives(name):
     out = MultiBoxLoss(box_loss=name, box_weight=2.5)(
         loc, logits, boxes, labels, mask, ANCHORS_CXCYWH, ANCHORS_XYXY
     )
-    # reference: torchvision's BoxCoder decodes (weights 1/variances), torchvision's IoU loss
+    # reference: torchvision's BoxCoder decodes, torchvision's IoU loss scores
     matched = match_anchors(boxes, mask, ANCHORS_XYXY)
     pos = matched >= 0
-    coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
     anchors = ANCHORS_XYXY.expand(2, N, 4)[pos]
-    pred = coder.decode_single(loc[pos], anchors)
+    pred = TV_CODER.decode_single(loc[pos], anchors)
     gt = boxes.gather(1, matched.clamp(min=0)[..., None].expand(2, N, 4))[pos]
     loss_fn = generalized_box_iou_loss if name == "giou" else distance_box_iou_loss
     expected = 2.5 * loss_fn(pred, gt, reduction="sum") / pos.sum()
@@ -157,11 +158,10 @@ def test_iou_box_loss_gradient_tightens_the_box():
     loss(loc, logits, boxes, labels, mask, ANCHORS_CXCYWH, ANCHORS_XYXY).box.backward()
     matched = match_anchors(boxes, mask, ANCHORS_XYXY)[0]
     pos = matched >= 0
-    coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
     gt = boxes[0, matched[pos]]
 
     def ious(offsets):
-        pred = coder.decode_single(offsets[0][pos], ANCHORS_XYXY[pos])
+        pred = TV_CODER.decode_single(offsets[0][pos], ANCHORS_XYXY[pos])
         return box_iou(pred, gt).diagonal()
 
     with torch.no_grad():

@@ -105,15 +105,14 @@ def test_every_searched_key_exists_and_every_choice_builds(name: str, tmp_path: 
     """A typo in a search space would fail only at the first trial (or, for a group, never be
     searched): every key is in the composed config, every choice composes and builds."""
     search = [f"hparams_search={name}", "model.net.weights=none", "model.net.image_size=128"]
-    make_cfg(search, tmp_path)
+    base = make_cfg(search, tmp_path)
     hydra = HydraConfig.get()
     for key, spec in hydra.sweeper.params.items():
         options = re.fullmatch(r"choice\((.*)\)", str(spec).strip())
         if key in hydra.runtime.choices:  # a config group: its options are files
             assert options, f"{name}: {key}: {spec}"
         if not options:
-            cfg = make_cfg(search, tmp_path)
-            assert OmegaConf.select(cfg, key) is not None, f"{name}: no key {key}"
+            assert OmegaConf.select(base, key) is not None, f"{name}: no key {key}"
             continue
         for value in (v.strip() for v in options.group(1).split(",")):
             cfg = make_cfg([*search, f"{key}={value}"], tmp_path)

@@ -121,6 +121,7 @@ class MultiBoxLoss(nn.Module):
             box_err = F.smooth_l1_loss(loc, target_loc, beta=self.beta, reduction="none").sum(-1)
         else:
             pred = box_convert(decode(loc, anchors_cxcywh, self.variances), "cxcywh", "xyxy")
+            # over every anchor, masked below (selecting the positives would sync with the host);
             # background anchors get their own anchor as target: a padding GT (zero size) would
             # put NaN into the loss or its gradient, which masking cannot take out again
             target = torch.where(pos[..., None], gt_for_anchor, anchors_xyxy)
