@@ -11,7 +11,7 @@ from conftest import ROOT, run_cli
 from PIL import Image
 
 from ssd_lightning.data.images import InputError, read_rgb
-from ssd_lightning.predict import predict
+from ssd_lightning.predict import output_names, predict
 from ssd_lightning.training.checkpoint import CheckpointError
 
 PED = ROOT / "data" / "PennFudanPed" / "PNGImages" / "FudanPed00001.png"
@@ -136,9 +136,19 @@ def test_predict_rejects_bad_thresholds_and_keeps_same_stem_outputs_apart(
     same.mkdir()
     Image.open(PED).save(same / "a.png")
     Image.open(PED).convert("RGB").save(same / "a.jpg")
+    Image.open(PED).save(same / "a.PNG")  # the same name on a case-insensitive disk
     result = predict(model, same, tmp_path / "out2")
-    outputs = {Path(r["output"]).name for r in result["images"]}
-    assert outputs == {"a_png_pred.png", "a_jpg_pred.jpg"}
+    outputs = [Path(r["output"]).name for r in result["images"]]
+    assert sorted(outputs) == ["a_PNG_pred.png", "a_jpg_pred.jpg", "a_png_2_pred.png"]
+    assert len({o.lower() for o in outputs}) == 3
+    assert len(list((tmp_path / "out2").glob("*_pred.*"))) == 3
+
+
+def test_drawn_output_names_never_collide() -> None:
+    files = [Path(n) for n in ("a.png", "a.jpg", "a_png.png", "B.png", "b.jpeg", "c.tif")]
+    names = output_names(files)
+    assert names[Path("c.tif")] == "c_pred.png" and names[Path("a.jpg")] == "a_jpg_pred.jpg"
+    assert len({n.lower() for n in names.values()}) == len(files)
 
 
 def test_cli_user_mistakes_are_one_message(tiny_run: dict, tmp_path: Path) -> None:

@@ -23,7 +23,13 @@ pytest.importorskip("onnxscript")
 
 from ssd_lightning.export import export  # noqa: E402
 from ssd_lightning.predict import predict  # noqa: E402
-from ssd_lightning.tools.onnx_runtime import OnnxDetector, open_session, per_image  # noqa: E402
+from ssd_lightning.tools.onnx_export import export_onnx  # noqa: E402
+from ssd_lightning.tools.onnx_runtime import (  # noqa: E402
+    DETECTOR,
+    OnnxDetector,
+    open_session,
+    per_image,
+)
 
 # parity bounds: the post-processing graph on the same network outputs (boxes in original image
 # pixels), the detector end to end (boxes in network-input pixels: there the network's fp32 noise
@@ -143,6 +149,20 @@ def test_predict_runs_the_onnx_detector(exported: dict, tmp_path: Path) -> None:
         assert [d["score"] for d in a["detections"]] == pytest.approx(
             [d["score"] for d in b["detections"]], abs=SCORE
         )
+
+
+def test_a_model_with_a_pre_nms_cap_predicts_in_onnxruntime(exported: dict, tmp_path: Path) -> None:
+    # model.predict.pre_nms_top_k set in training travels into the graph and its description
+    net, info = load_model(exported["model"])
+    thresholds = {**info["predict"], "pre_nms_top_k": 400}
+    export_onnx(net, info, tmp_path, "capped", thresholds, graphs=(DETECTOR,))
+    capped = tmp_path / "capped.onnx"
+    ox = predict(capped, IMAGES[0], tmp_path / "onnx", draw=False)
+    pt = predict(exported["model"], IMAGES[0], tmp_path / "pt", draw=False, device="cpu")
+    assert ox["thresholds"]["pre_nms_top_k"] == 400
+    assert len(ox["images"][0]["detections"]) == len(pt["images"][0]["detections"]) > 0
+    with pytest.raises(ValueError, match="pre_nms_top_k=100: capped.onnx was exported with"):
+        OnnxDetector(capped).check_thresholds(pre_nms_top_k=100)
 
 
 def test_user_mistakes_are_one_message(exported: dict, tmp_path: Path) -> None:

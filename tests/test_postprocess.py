@@ -156,3 +156,26 @@ def test_equal_scores_keep_the_lower_candidate():
             torch.zeros(1, 4, 4), logits, anchors, sizes, 0.5, 0.45, 20, pre_nms_top_k
         )
         assert out[0]["boxes"][:, 0].round().tolist() == [40.0, 5.0]  # x1: anchors 0 and 2
+
+
+@pytest.mark.parametrize("batch", [16, 64])
+def test_detections_do_not_depend_on_the_position_in_the_batch(batch):
+    # Two small boxes whose IoU sweeps across the NMS threshold, in every image of a batch of an
+    # 80-class dataset: each image must keep exactly what the first one keeps (one NMS over the
+    # batch must not round a far image's boxes differently).
+    C = 81
+    anchors = torch.tensor([[0.5, 0.5, 0.01, 0.01]] * 2)  # 6.4 px boxes in a 640 px image
+    logits = torch.full((batch, 2, C), -20.0)
+    logits[:, 0, C - 1], logits[:, 1, C - 1] = 10.0, 9.0
+    sizes = torch.tensor([[640, 640]] * batch)
+    kept = set()
+    for dx in torch.arange(3.5, 4.2, 0.002).tolist():
+        loc = torch.zeros(batch, 2, 4)
+        loc[:, 1, 0] = dx  # the second box moves right: IoU ~0.5 -> ~0.4
+        out = postprocess(loc, logits, anchors, sizes, 0.01, 0.45, 100)
+        counts = {len(o["boxes"]) for o in out}
+        assert len(counts) == 1, f"dx={dx}: images keep {sorted(counts)} boxes"
+        for o in out[1:]:
+            assert torch.equal(o["boxes"], out[0]["boxes"])
+        kept |= counts
+    assert kept == {1, 2}  # the sweep crossed the threshold

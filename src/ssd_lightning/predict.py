@@ -68,6 +68,26 @@ def list_inputs(path: str | Path, output_dir: Path | None = None) -> list[Path]:
     return files
 
 
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """The file name of each input's drawing: ``<stem>_pred.<jpg|png>``. Inputs that share a stem
+    add their suffix (a.png, a.jpg -> a_png_pred.png, a_jpg_pred.jpg), and a name still taken
+    gets a counter (compared without case, as on macOS and Windows): no drawing overwrites
+    another."""
+    stems = Counter(f.stem.lower() for f in files)
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
+    for f in files:
+        ext = ".jpg" if f.suffix.lower() in (".jpg", ".jpeg") else ".png"
+        stem = f.stem if stems[f.stem.lower()] == 1 else f"{f.stem}_{f.suffix[1:]}"
+        name, n = f"{stem}{PRED_SUFFIX}{ext}", 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{stem}_{n}{PRED_SUFFIX}{ext}"
+        taken.add(name.lower())
+        names[f] = name
+    return names
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,7 +160,7 @@ def predict(
     detect, size, class_names, thresholds, dev = _load_detector(ckpt_path, device, given)
     transform = build_eval_transform(size)  # the validation preprocessing: resize to (S, S)
     single = len(files) == 1 and Path(inputs).expanduser().is_file()
-    stems = Counter(f.stem for f in files)
+    drawings = output_names(files)
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
 
@@ -190,10 +210,7 @@ def predict(
                 drawn = draw_detections(
                     orig, det, class_names=class_names, width=width, show_class=len(class_names) > 2
                 )
-                suffix = ".jpg" if f.suffix.lower() in (".jpg", ".jpeg") else ".png"
-                # a.png and a.jpg in one folder must not overwrite each other's drawing
-                stem = f.stem if stems[f.stem] == 1 else f"{f.stem}_{f.suffix[1:].lower()}"
-                target = out_dir / f"{stem}{PRED_SUFFIX}{suffix}"
+                target = out_dir / drawings[f]
                 Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
                 record["output"] = str(target)
             records.append(record)

@@ -126,9 +126,9 @@ def select_detections(
     anchor = anchor.reshape(B, -1)  # (B, M): slot m = k * (C-1) + class index
     offsets = loc.float().gather(1, anchor[..., None].expand(-1, -1, 4))
     boxes = decode(offsets, anchors_cxcywh[anchor], variances)  # (B, M, 4) cxcywh normalized
-    boxes = box_convert(boxes, "cxcywh", "xyxy").clamp(0.0, 1.0)
-    hw = orig_sizes.to(boxes)
-    boxes = boxes * torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None]  # pixels
+    unit = box_convert(boxes, "cxcywh", "xyxy").clamp(0.0, 1.0)  # (B, M, 4) xyxy normalized
+    hw = orig_sizes.to(unit)
+    boxes = unit * torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], -1)[:, None]  # pixels
     # boxes entirely outside the image collapse to zero area under the clamp: not detections
     nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
     img, slot = (above.reshape(B, -1) & nonempty).nonzero(as_tuple=True)  # the one sync
@@ -138,15 +138,18 @@ def select_detections(
     # the same boxes.
     scores, order = scores.reshape(B, -1)[img, slot].sort(descending=True, stable=True)
     img, slot = img[order], slot[order]
-    boxes, labels = boxes[img, slot], slot % (C - 1) + 1
-    # One NMS over the batch: each (image, class) group is shifted to its own region of the plane
-    # (boxes lie in [0, the largest image side], so steps of that side + 1 never overlap).
-    # (batched_nms does this too, but above 100k coordinates on CUDA it switches to a per-group
-    # loop with a host sync - hit at batch 128.)
-    group = (img * C + labels).to(boxes)
-    shifted = boxes + (group * (hw.max() + 1))[:, None]
+    boxes, unit, labels = boxes[img, slot], unit[img, slot], slot % (C - 1) + 1
+    # One NMS over the batch: each (image, class) group moves to its own cell of the plane, the
+    # class along x, the image along y (batched_nms shifts too, but along one axis, and above
+    # 100k coordinates on CUDA it switches to a per-group loop with a host sync). IoU does not
+    # change when an axis is scaled, so the cells hold the normalized boxes, snapped to a 2**-15
+    # grid: shifted by even integers below 512 (up to 255 classes and 256 images a batch) the
+    # corners are exact in float32, and an image's detections never depend on where it sits
+    # in the batch (shifting pixel boxes by group * image side rounded them at large batches).
+    cell = 2 * torch.stack([labels, img, labels, img], -1).to(unit)  # (D, 4)
+    shifted = torch.round(unit * 2**15) / 2**15 + cell
     n = scores.shape[0]
-    ranks = torch.arange(n, 0, -1, device=boxes.device, dtype=boxes.dtype)  # exact below 2**24
+    ranks = torch.arange(n, 0, -1, device=boxes.device, dtype=unit.dtype)  # exact below 2**24
     keep = nms(shifted, ranks, nms_threshold)  # ascending: sorted by score
     # top-k per image: order the survivors by image, then by score (unique keys: any sort is
     # stable), then rank within each image

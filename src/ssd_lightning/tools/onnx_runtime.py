@@ -96,22 +96,29 @@ class OnnxDetector:
         score_threshold: float | None = None,
         nms_threshold: float | None = None,
         top_k: int | None = None,
+        pre_nms_top_k: int | None = None,
     ) -> dict[str, Any]:
         """The thresholds to apply: the exported ones, made stricter where asked. Looser ones
         cannot be had from this graph: the message says how to export again."""
-        asked = {"score_threshold": score_threshold, "nms_threshold": nms_threshold, "top_k": top_k}
+        asked = {
+            "score_threshold": score_threshold,
+            "nms_threshold": nms_threshold,
+            "top_k": top_k,
+            "pre_nms_top_k": pre_nms_top_k,
+        }
         out = dict(self.thresholds)
         for name, value in asked.items():
             if value is None:
                 continue
-            fixed = self.thresholds[name]
+            fixed = self.thresholds.get(name)
             ok = {
                 "score_threshold": value >= fixed,
                 "nms_threshold": value == fixed,
                 "top_k": value <= fixed,
+                "pre_nms_top_k": value == fixed,
             }[name]
             if not ok:
-                need = {"score_threshold": ">=", "nms_threshold": "=", "top_k": "<="}[name]
+                need = {"top_k": "<=", "score_threshold": ">="}.get(name, "=")
                 source = self.info.get("source") or "<the .ckpt or .pt>"
                 raise InputError(
                     f"{name}={value}: {self.path.name} was exported with {name}={fixed}, so it "
@@ -128,11 +135,13 @@ class OnnxDetector:
         score_threshold: float | None = None,
         nms_threshold: float | None = None,
         top_k: int | None = None,
+        pre_nms_top_k: int | None = None,
     ) -> list[dict[str, Tensor]]:
         """Like ``SSD.detect``: images (B,3,S,S) in [0,1] -> per-image dicts of ``boxes`` (K,4)
         xyxy in the pixels of ``orig_sizes`` (B,2) (h, w) (None: of the images), ``scores``,
-        ``labels``; on the CPU."""
-        thr = self.check_thresholds(score_threshold, nms_threshold, top_k)
+        ``labels``; on the CPU. ``pre_nms_top_k`` is fixed in the graph (the exported value, or
+        None)."""
+        thr = self.check_thresholds(score_threshold, nms_threshold, top_k, pre_nms_top_k)
         if orig_sizes is None:
             orig_sizes = torch.tensor([images.shape[-2:]]).expand(len(images), 2)
         out = self.run(images.detach().cpu().numpy(), orig_sizes.cpu().numpy())
