@@ -16,12 +16,14 @@ from conftest import PENNFUDAN, make_cfg, run_cli, tiny
 from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
+from ssd_lightning.config.paths import load_option
 from ssd_lightning.data.batch import collate_fn
 from ssd_lightning.data.coco import CocoDataset, CocoFormatError, read_coco
 from ssd_lightning.data.coco_datamodule import CocoDataModule
 from ssd_lightning.data.convert import pennfudan_to_coco
 from ssd_lightning.data.dataset import PennFudanDataset
 from ssd_lightning.data.gpu.plan import GpuPlanDataset
+from ssd_lightning.data.mask_runs import visible_boxes
 from ssd_lightning.data.presets import build_eval_transform, build_fallbacks, build_train_transform
 from ssd_lightning.data.segmentation import (
     rle_counts,
@@ -29,6 +31,11 @@ from ssd_lightning.data.segmentation import (
     rle_encode,
     segmentation_mask,
 )
+from ssd_lightning.evaluate import evaluate
+from ssd_lightning.predict import predict
+from ssd_lightning.tools.anchors import report
+from ssd_lightning.train import train
+from ssd_lightning.training.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO = ROOT / "data" / "pennfudan_coco"  # the committed conversion (python -m ...data.convert)
@@ -59,6 +66,11 @@ def test_segmentation_mask_falls_back_to_the_box_and_names_a_wrong_size():
     assert np.array_equal(segmentation_mask(empty, box, 3, 4), filled)  # covers no pixel
     triangle = [[0.0, 0.0, 4.0, 0.0, 0.0, 3.0]]
     assert segmentation_mask(triangle, box, 3, 4)[0, 0]
+    # a polygon covers the pixels COCO counts: a 10 x 10 square is 100 pixels, its box its bbox
+    square = segmentation_mask([[10, 10, 20, 10, 20, 20, 10, 20]], box, 40, 30)
+    assert square.sum() == 100 and square[10:20, 10:20].all()
+    two = segmentation_mask([[0, 0, 2, 0, 2, 2, 0, 2], [5, 5, 8, 5, 8, 8, 5, 8]], box, 10, 10)
+    assert two.sum() == 4 + 9  # several polygons: their union
     with pytest.raises(ValueError, match=r"RLE size \[4, 3\] but the image is 3x4"):
         segmentation_mask(rle_encode(np.ones((4, 3), dtype=bool)), box, 3, 4)
 
@@ -86,8 +98,6 @@ def test_conversion_is_the_committed_one_and_gives_the_pennfudan_samples():
 
 
 def test_same_val_map_from_the_same_checkpoint(tiny_run: dict, tmp_path: Path):
-    from ssd_lightning.evaluate import evaluate
-
     ckpt = f"ckpt_path={tiny_run['dir'] / 'checkpoints' / 'last.ckpt'}"
     common = ["data.num_workers=0", "data.batch_size=10", "trainer.accelerator=cpu"]
     common += ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=2"]
@@ -102,12 +112,10 @@ def test_same_val_map_from_the_same_checkpoint(tiny_run: dict, tmp_path: Path):
 
 
 def test_anchor_report_on_coco_measures_its_training_boxes(compose_cfg):
-    from ssd_lightning.tools.anchors import report
-
     cfg = compose_cfg(["data=coco", "anchors=ssd"])
     rep = report(cfg)
-    train = json.loads((COCO / "train.json").read_text())
-    assert rep["coverage"]["boxes"] == len(train["annotations"])
+    blob = json.loads((COCO / "train.json").read_text())
+    assert rep["coverage"]["boxes"] == len(blob["annotations"])
     assert 0 < rep["coverage"]["bpr"] <= 1
 
 
@@ -188,26 +196,21 @@ def test_categories_map_to_contiguous_labels_and_crowd_is_kept_apart(shapes):
     ann = read_coco(shapes["json"], shapes["images_dir"])
     assert ann.category_ids == [DISC, PED, SQUARE]
     assert ann.class_names == ["background", "disc", "pedestrian", "square"]
-    train = CocoDataset(ann, train=True, with_masks=True)
-    val = CocoDataset(ann, transforms=build_eval_transform(128))
-    _, t_train = train.raw(0)
+    train_set = CocoDataset(ann, train=True, with_masks=True)
+    val_set = CocoDataset(ann, transforms=build_eval_transform(128))
+    _, t_train = train_set.raw(0)
     assert "crowd" not in t_train and len(t_train["boxes"]) == len(t_train["mask_runs"])
-    batch = collate_fn([val[i] for i in range(len(val))])
+    batch = collate_fn([val_set[i] for i in range(len(val_set))])
     assert batch.crowd is not None and int(batch.crowd.sum()) == 1
     assert int(batch.mask.sum()) == len(shapes["blob"]["annotations"])
     assert set(batch.labels[batch.mask].tolist()) == {1, 2, 3}
     # the mask-tight boxes: the disc's polygon rasterized, the square (no segmentation) filled
     disc = t_train["labels"] == 1
-    from ssd_lightning.data.mask_runs import visible_boxes
-
     tight, _ = visible_boxes(t_train["mask_runs"])
     assert (tight[disc] - t_train["boxes"][disc]).abs().max() <= 1.5
 
 
 def test_gpu_plan_path_takes_coco_masks(shapes):
-    aug = {"name": "t", "crop": {"type": "safe_choice"}, "tight_boxes": {}, "hflip_p": 0.5}
-    from ssd_lightning.config.paths import load_option
-
     aug = load_option("augmentation", "safe_crop")
     ann = read_coco(shapes["json"], shapes["images_dir"])
     cpu = CocoDataset(
@@ -247,10 +250,6 @@ def _found_per_class(detections: list[dict], blob: dict) -> dict[str, list[int]]
 def test_multiclass_coco_learns_every_class_then_predicts_and_evaluates(shapes, tmp_path):
     """A short CPU run (resize only, two images, 3 classes) finds every box of every class on
     its training images; predict names the classes, evaluate gives per-class AP."""
-    from ssd_lightning.evaluate import evaluate
-    from ssd_lightning.predict import predict
-    from ssd_lightning.train import train
-
     epochs = 60
     data = [
         "data=coco",
@@ -276,8 +275,6 @@ def test_multiclass_coco_learns_every_class_then_predicts_and_evaluates(shapes, 
     metrics = train(make_cfg(overrides, run))
     assert metrics["status"] == "completed"
     best = run / "ssd_resnet34_best.pt"
-    from ssd_lightning.training.checkpoint import load_model
-
     net, info = load_model(best)
     assert net.num_classes == 4
     assert info["class_names"] == ["background", "disc", "pedestrian", "square"]
@@ -388,9 +385,18 @@ def test_seeded_split_is_recorded_and_reused(tmp_path):
     m = CocoDataModule(num_workers=0, **kwargs)
     m.setup("fit")
     assert (tmp_path / "all_split.json").is_file() and len(m.val_set) == 10
-    again = CocoDataModule(num_workers=0, split_seed=1, **kwargs)  # the recorded split wins
+    again = CocoDataModule(num_workers=0, **kwargs)  # read back
     again.setup("fit")
     assert again.val_set.names == m.val_set.names
+    other = CocoDataModule(num_workers=0, split_seed=1, **kwargs)  # another seed: its own split
+    other.setup("fit")
+    assert (tmp_path / "all_split_seed1.json").is_file()
+    assert other.val_set.names != m.val_set.names and len(other.val_set) == 10
+    wrong = CocoDataModule(
+        num_workers=0, split_seed=1, split_file=tmp_path / "all_split.json", **kwargs
+    )
+    with pytest.raises(CocoFormatError, match="seed 20240601, not data.split_seed=1"):
+        wrong.setup("fit")
     assert len(m.train_set) + len(m.val_set) == 50 and blob["categories"]
     with pytest.raises(ValueError, match="data.num_classes=3"):
         CocoDataModule(num_classes=3, **kwargs)

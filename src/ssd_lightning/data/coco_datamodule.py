@@ -4,12 +4,12 @@ training stream, the GPU data path).
 
 Without ``val_json`` the validation images are a seeded split of ``train_json``, recorded like
 Penn-Fudan's committed split (``manifest.build_split``) in ``split_file``: read when it exists,
-written otherwise, so every run of the dataset validates on the same images.
+written otherwise, so every run of the dataset validates on the same images. Another
+``split_seed`` is another split, recorded in its own file (``<stem>_split_seed<N>.json``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Mapping
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ssd_lightning.config.atomic import write_json
 from ssd_lightning.data.coco import CocoAnnotations, CocoDataset, CocoFormatError, read_coco
 from ssd_lightning.data.datamodule import DetectionDataModule, check_int
 from ssd_lightning.data.manifest import build_split, load_json, split_names
@@ -36,7 +37,7 @@ class CocoDataModule(DetectionDataModule):
     annotation files (``val_json`` null: a seeded split of ``train_json``). val_size: images the
     split holds out: a count, or a fraction in (0, 1); 0 = no validation. split_seed: the split's
     seed. split_file: where the split is recorded (null = ``<train_json stem>_split.json`` beside
-    it). num_classes: checked against the categories + background. The other arguments: see
+    it; ``<train_json stem>_split_seed<N>.json`` for a split_seed other than the default). num_classes: checked against the categories + background. The other arguments: see
     ``DetectionDataModule``.
     """
 
@@ -85,8 +86,10 @@ class CocoDataModule(DetectionDataModule):
         self.train_json = Path(train_json).expanduser()
         self.val_json = None if val_json is None else Path(val_json).expanduser()
         self.val_size, self.split_seed = val_size, split_seed
+        # a sweep over split_seed gets one recorded split per seed, never the first one again
+        suffix = "" if split_seed == SPLIT_SEED else f"_seed{split_seed}"
         self.split_file = (
-            self.train_json.with_name(f"{self.train_json.stem}_split.json")
+            self.train_json.with_name(f"{self.train_json.stem}_split{suffix}.json")
             if split_file is None
             else Path(split_file).expanduser()
         )
@@ -134,6 +137,12 @@ class CocoDataModule(DetectionDataModule):
                         f"{self.split_file}: the recorded split is of other images than "
                         f"{self.train_json}; delete it (or set data.split_file) to split anew"
                     )
+                if self._split.get("seed") != self.split_seed:
+                    raise CocoFormatError(
+                        f"{self.split_file}: records the split of seed {self._split.get('seed')}, "
+                        f"not data.split_seed={self.split_seed}; set data.split_file to another "
+                        "file to record that split (or leave it null: one file per seed)"
+                    )
             else:
                 self._split = build_split(names, seed=self.split_seed, val_size=k)
                 self._record_split()
@@ -143,7 +152,8 @@ class CocoDataModule(DetectionDataModule):
 
     def _record_split(self) -> None:
         try:
-            self.split_file.write_text(json.dumps(self._split, indent=1) + "\n")
+            # atomic: sweep jobs and DDP ranks that start together read a whole file or none
+            write_json(self.split_file, self._split)
             log.info(
                 "split of %s (seed %d) recorded in %s",
                 self.train_json,

@@ -1,6 +1,7 @@
-"""COCO segmentations -> (H, W) bool masks: polygons (filled through PIL), RLE (run lengths,
-as a list or pycocotools' compressed string; decoded and encoded here, so pycocotools is not
-needed), and a filled box where an annotation has no segmentation or an empty one.
+"""COCO segmentations -> (H, W) bool masks: polygons (rasterized as the COCO tools do, by
+faster-coco-eval, the mAP backend), RLE (run lengths, as a list or pycocotools' compressed string;
+decoded and encoded here), and a filled box where an annotation has no segmentation or an empty
+one.
 
 Masks are (H, W) in the pixels of the stored image; RLE runs go in column-major order,
 background first (COCO's convention).
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from faster_coco_eval.core import mask as coco_mask
 from torch import Tensor
 
 
@@ -80,11 +81,11 @@ def rle_encode(mask: np.ndarray, compress: bool = True) -> dict:
 
 
 def _polygons(polys: list, h: int, w: int) -> np.ndarray:
-    canvas = Image.new("1", (w, h), 0)
-    draw = ImageDraw.Draw(canvas)
-    for p in polys:
-        draw.polygon([(float(p[j]), float(p[j + 1])) for j in range(0, len(p), 2)], fill=1)
-    return np.array(canvas, dtype=bool)
+    # COCO's own rasterization (pycocotools' rleFrPoly): the pixels the annotation tools and the
+    # evaluation count. A PIL fill would add the outline: the mask, and so the mask-tight box,
+    # one pixel wider and taller than the annotated bbox.
+    rles = coco_mask.frPyObjects([[float(v) for v in p] for p in polys], h, w)
+    return coco_mask.decode(coco_mask.merge(rles)).astype(bool)
 
 
 def _filled_box(box: Tensor, h: int, w: int) -> np.ndarray:
