@@ -101,15 +101,14 @@ def test_resume_in_place_continues_exactly(tmp_path: Path) -> None:
     run computes straight (with two workers here, none there: workers draw a resumed epoch's
     indices as soon as Lightning makes the loader's iterator). A constant lr: a longer run
     re-spaces a schedule over its new length (an unchanged length resumes exactly with the
-    default schedule too: test_a_stopped_run_resumes_exactly)."""
+    default schedule too: test_a_stopped_run_resumes_exactly). Validation every 2 epochs: the
+    first epoch's state is saved all the same (not only at validations)."""
     straight_dir, run = tmp_path / "straight", tmp_path / "run"
-    straight = train(make_cfg(tiny("scheduler=none", trainer__max_epochs=2), straight_dir))
-    train(make_cfg(tiny("scheduler=none", trainer__max_epochs=1, data__num_workers=2), run))
+    every2 = ("scheduler=none", "trainer.check_val_every_n_epoch=2")
+    straight = train(make_cfg(tiny(*every2, trainer__max_epochs=2), straight_dir))
+    train(make_cfg(tiny(*every2, trainer__max_epochs=1, data__num_workers=2), run))
     metrics = train(
-        make_cfg(
-            tiny("scheduler=none", f"resume={run}", trainer__max_epochs=2, data__num_workers=2),
-            run,
-        )
+        make_cfg(tiny(*every2, f"resume={run}", trainer__max_epochs=2, data__num_workers=2), run)
     )
     assert metrics["global_step"] == straight["global_step"] == 4
     for k in ("train/loss", "train/num_pos", "val/loss"):

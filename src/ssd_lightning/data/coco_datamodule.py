@@ -37,7 +37,8 @@ class CocoDataModule(DetectionDataModule):
     annotation files (``val_json`` null: a seeded split of ``train_json``). val_size: images the
     split holds out: a count, or a fraction in (0, 1); 0 = no validation. split_seed: the split's
     seed. split_file: where the split is recorded (null = ``<train_json stem>_split.json`` beside
-    it; ``<train_json stem>_split_seed<N>.json`` for a split_seed other than the default). num_classes: checked against the categories + background. The other arguments: see
+    it; ``<train_json stem>_split_seed<N>.json`` for a split_seed other than the default).
+    num_classes: checked against the categories + background. The other arguments: see
     ``DetectionDataModule``.
     """
 

@@ -356,6 +356,9 @@ class LastCheckpoint(ModelCheckpoint):
             save_top_k=1,
             every_n_epochs=every_n_epochs,
             enable_version_counter=False,
+            # at each training epoch's end (after its validation, if any): left to Lightning,
+            # a run that validates every n > 1 epochs would save only at its validations
+            save_on_train_epoch_end=True,
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
