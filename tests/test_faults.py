@@ -114,6 +114,11 @@ def test_a_worker_error_is_one_line_naming_the_file(tmp_path: Path) -> None:
     )
     _clean_failure(r, "Data error", NAMES[1])
     assert "Original Traceback" not in r.stderr and "worker process" not in r.stderr
+    # a run that fails during the fit says so in its records (summarize, schedulers)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and NAMES[1] in metrics["error"]
+    status = json.loads((tmp_path / "run" / "job_status.json").read_text())
+    assert status["status"] == "FAILED" and NAMES[1] in status["error"]
 
 
 def test_evaluate_downloads_when_asked(tmp_path: Path) -> None:

@@ -96,25 +96,32 @@ def test_a_stopped_run_resumes_exactly(
         assert got[tag][len(got[tag]) - full_epochs :] == want[tag][3 - full_epochs :], tag
 
 
-def test_resume_in_place_continues_exactly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accumulate", [1, 2], ids=["step-per-batch", "accumulate-2"])
+def test_resume_in_place_continues_exactly(tmp_path: Path, accumulate: int) -> None:
     """One epoch, then resume=<run dir> with trainer.max_epochs=2 for the second: what a 2-epoch
     run computes straight (with two workers here, none there: workers draw a resumed epoch's
     indices as soon as Lightning makes the loader's iterator). A constant lr: a longer run
     re-spaces a schedule over its new length (an unchanged length resumes exactly with the
     default schedule too: test_a_stopped_run_resumes_exactly). Validation every 2 epochs: the
-    first epoch's state is saved all the same (not only at validations)."""
+    first epoch's state is saved all the same (not only at validations). With accumulated
+    gradients the moving average (in the state compared) is not updated again after a resume."""
     straight_dir, run = tmp_path / "straight", tmp_path / "run"
-    every2 = ("scheduler=none", "trainer.check_val_every_n_epoch=2")
+    every2 = (
+        "scheduler=none",
+        "trainer.check_val_every_n_epoch=2",
+        f"trainer.accumulate_grad_batches={accumulate}",
+    )
     straight = train(make_cfg(tiny(*every2, trainer__max_epochs=2), straight_dir))
     train(make_cfg(tiny(*every2, trainer__max_epochs=1, data__num_workers=2), run))
     metrics = train(
         make_cfg(tiny(*every2, f"resume={run}", trainer__max_epochs=2, data__num_workers=2), run)
     )
-    assert metrics["global_step"] == straight["global_step"] == 4
+    assert metrics["global_step"] == straight["global_step"] == 4 // accumulate
     for k in ("train/loss", "train/num_pos", "val/loss"):
         assert metrics[k] == pytest.approx(straight[k], rel=1e-4), k
     got = _state(run / "checkpoints" / "last.ckpt")["state_dict"]
     want = _state(straight_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    assert any(k.startswith("ema.") for k in want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
 

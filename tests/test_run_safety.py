@@ -176,6 +176,24 @@ def test_an_existing_run_dir_is_not_reused(tmp_path: Path) -> None:
     assert not (run / "eval_metrics.json").exists()
 
 
+def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _fake_run(run)  # its last.ckpt is not a checkpoint
+    r = run_cli("ssd_lightning.train", f"resume={run}", "data.num_workers=0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "cannot read it as a PyTorch checkpoint" in r.stderr
+    # Hydra rewrote .hydra/ before the task refused: put back, so resume= replays the run's own
+    assert (run / ".hydra" / "overrides.yaml").read_text() == "- anchors=ssd\n"
+    status = read_job_status(run)
+    assert status["status"] == "FAILED" and "cannot read it" in status["error"]
+    # ckpt_path= of another run into this one: refused before Hydra writes there
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(b"x")
+    r = run_cli("ssd_lightning.train", f"ckpt_path={other}", f"hydra.run.dir={run}")
+    assert r.returncode == 2 and "already holds a run" in r.stderr, r.stderr[-3000:]
+    assert (run / ".hydra" / "overrides.yaml").read_text() == "- anchors=ssd\n"
+
+
 def test_disk_use_full_state_only_in_last_ckpt(tiny_run: dict) -> None:
     run: Path = tiny_run["dir"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]

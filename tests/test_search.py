@@ -89,6 +89,9 @@ def test_the_objective_is_checked(tmp_path: Path) -> None:
     cfg = make_cfg(tiny("optimized_metric=map50"), tmp_path)
     with pytest.raises(ConfigError, match="optimized_metric='map50'"):
         check_objective(cfg)
+    cfg = make_cfg(tiny("optimized_metric=val/map_small"), tmp_path)  # COCO's, not logged
+    with pytest.raises(ConfigError, match="val/map_small': not a metric the run logs; allowed"):
+        check_objective(cfg)
     cfg = make_cfg(tiny("optimized_metric=val/map_75"), tmp_path)
     assert check_objective(cfg) == "val/map_75"
     with pytest.raises(ConfigError, match="did not log it; it logged train/loss, val/map_50"):

@@ -32,7 +32,7 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from ssd_lightning.config.cli import exit_with_error, hydra_main
+from ssd_lightning.config.cli import exit_with_error, hydra_main, message_of
 from ssd_lightning.config.errors import ConfigError, RunInterrupted
 from ssd_lightning.config.job_status import write_job_status
 from ssd_lightning.config.validation import validate_config
@@ -40,7 +40,13 @@ from ssd_lightning.evaluate import evaluate, run_eval_config
 from ssd_lightning.tools.search import check_objective, objective_value
 from ssd_lightning.training.builders import build
 from ssd_lightning.training.lit_module import NonFiniteWeightsError
-from ssd_lightning.training.resume import refuse_existing_run_dir, resume_argv, start_checkpoint
+from ssd_lightning.training.resume import (
+    refuse_existing_run_dir,
+    remember_run_config,
+    restore_run_config,
+    resume_argv,
+    start_checkpoint,
+)
 from ssd_lightning.training.run_outputs import (
     EVAL_METRICS_FILE,
     METRICS_FILE,
@@ -192,11 +198,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     weights."""
     started = time.monotonic()
     output_dir = Path(cfg.paths.output_dir)
-    validate_config(cfg)  # config mistakes first, then the checkpoint and the run dir
-    print_config = _flag(cfg, "extras.print_config")
-    _flag(cfg, "test_after_fit")
-    run_tags(cfg)
-    ckpt_path = start_checkpoint(cfg, output_dir)
+    try:
+        validate_config(cfg)  # config mistakes first, then the checkpoint and the run dir
+        print_config = _flag(cfg, "extras.print_config")
+        _flag(cfg, "test_after_fit")
+        run_tags(cfg)
+        ckpt_path = start_checkpoint(cfg, output_dir)
+    except Exception:
+        restore_run_config(refused=True)  # a run refused in its dir keeps its own config
+        raise
+    restore_run_config(refused=False)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     module, datamodule, trainer = build(cfg)
@@ -217,6 +228,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:
             stopped_by = received[0] if received else signal.SIGTERM
+        except Exception as e:  # recorded (not a stale "interrupted" of the run resumed), raised
+            if trainer.is_global_zero:
+                failed = {"status": "failed", "error": f"{type(e).__name__}: {message_of(e)}"}
+                write_metrics_json(output_dir / METRICS_FILE, collect_metrics(trainer) | failed)
+            raise
     metrics = collect_metrics(trainer)
     metrics["wall_time_s"] = round(time.monotonic() - started, 3)  # start-up included
     nonfinite = module.nonfinite_state()
@@ -260,6 +276,7 @@ def main() -> None:
         try:
             refuse_existing_run_dir(sys.argv)  # before Hydra writes into that dir
             sys.argv = resume_argv(sys.argv)
+            remember_run_config(sys.argv)
         except ConfigError as e:
             exit_with_error(e, "Config error")
     else:

@@ -36,6 +36,7 @@ from ssd_lightning.config.errors import (
     RunInterrupted,
 )
 from ssd_lightning.config.extras import check_plugins
+from ssd_lightning.config.job_status import record_failure
 from ssd_lightning.config.paths import config_dir
 from ssd_lightning.data.dataset import DatasetReadError
 from ssd_lightning.data.download import DownloadError
@@ -135,6 +136,7 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
             _log_to_files(f"{kind}: {message_of(e)}")
             if _in_sweep():
                 raise JobFailed(f"{kind}: {message_of(e)}") from None
+            record_failure(f"{kind}: {message_of(e)}")
             exit_with_error(e, kind)
         except RunFailed as e:  # the job FAILED (a sweep goes on); one message, exit status 1
             log.error("Run failed: %s", e)

@@ -3,7 +3,8 @@
 Hydra keeps a job's status (COMPLETED / FAILED) in memory only. ``JobStatusCallback`` (enabled in
 ``conf/hydra/default.yaml`` under ``hydra.callbacks``) writes it at the end of every job with the
 exception when it failed and the task's return value. A training run stopped by SIGTERM / SIGINT
-writes INTERRUPTED itself (``write_job_status``): it leaves the process without returning to Hydra.
+writes INTERRUPTED itself (``write_job_status``), and a user error outside a sweep FAILED
+(``record_failure``): both leave the process without returning to Hydra.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 
@@ -47,6 +49,17 @@ def write_job_status(
         "finished": datetime.now().isoformat(timespec="seconds"),
     }
     return write_json(Path(job_dir) / JOB_STATUS_FILE, info)
+
+
+def record_failure(error: str) -> None:
+    """FAILED in the current Hydra job's ``job_status.json``, for a task that leaves the process
+    without returning to Hydra (a user error outside a sweep exits with status 2), so that an
+    earlier status (e.g. INTERRUPTED of the run a refused resume= came from) is not left there."""
+    if not HydraConfig.initialized() or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    hc = HydraConfig.get()
+    if "job_status" in (hc.callbacks or {}):
+        write_job_status(hc.runtime.output_dir, "FAILED", error, overrides=list(hc.overrides.task))
 
 
 class JobStatusCallback(Callback):

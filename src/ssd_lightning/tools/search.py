@@ -55,10 +55,13 @@ def check_objective(cfg: DictConfig) -> str | None:
     metric = cfg.get("optimized_metric")
     if metric is None:
         return None
-    if not isinstance(metric, str) or not metric.startswith(("train/", "val/")):
+    # here, not at the top: summarize imports this module and starts without Lightning
+    from ssd_lightning.training.lit_module import LOGGED_METRICS
+
+    if metric not in LOGGED_METRICS:
         raise ConfigError(
-            f"optimized_metric={metric!r}: a metric the run logs, e.g. val/map_50, val/map, "
-            "val/mar_100, val/loss, train/loss"
+            f"optimized_metric={metric!r}: not a metric the run logs; allowed values are "
+            + ", ".join(LOGGED_METRICS)
         )
     val_size = OmegaConf.select(cfg, "data.val_size", default=1)
     if metric.startswith("val/") and val_size is not None and float(val_size) == 0:

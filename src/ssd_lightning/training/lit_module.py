@@ -43,6 +43,12 @@ logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 
 # the mAP entries logged as scalars (the rest are per-class or per-size tensors / sizes)
 MAP_KEYS = ("map", "map_50", "map_75", "mar_100")
+# every scalar a run logs per epoch (metrics.json, TensorBoard): what a search may optimize
+LOGGED_METRICS = (
+    *("train/loss", "train/loss_box", "train/loss_cls", "train/num_pos", "train/accuracy"),
+    *("train/box_mae", "train/fallback_rate", "train/fallback2_rate", "val/loss"),
+    *(f"val/{k}" for k in MAP_KEYS),
+)
 
 
 def map_backend() -> str:
@@ -403,6 +409,9 @@ class SSDLitModule(L.LightningModule):
                 groups.setdefault(b.dtype, []).append(b)
         self._state_buffers = list(groups.values())
         self._buffers_before = None
+        # a resumed run's average already holds the steps before it (accumulating gradients,
+        # the first batches after the resume must not average the restored weights again)
+        self._ema_step = self.trainer.global_step
 
     def on_train_epoch_end(self) -> None:
         self._check_nonfinite()

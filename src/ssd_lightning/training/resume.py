@@ -80,6 +80,29 @@ def resume_argv(argv: list[str]) -> list[str]:
     return [argv[0], *original, *rest, f'hydra.run.dir="{run_dir}"']
 
 
+# the run dir's Hydra files as they were before this command (see remember_run_config)
+_RUN_CONFIG_BEFORE: dict[Path, bytes] = {}
+
+
+def remember_run_config(argv: list[str]) -> None:
+    """Before Hydra starts: keep the ``.hydra/`` files of the run dir the command writes into.
+    Hydra rewrites them before the task runs; a resume refused before it starts puts them back
+    (``restore_run_config``), or the next ``resume=`` would replay the refused overrides."""
+    value = _arg(argv, "hydra.run.dir")
+    if value and "${" not in value:
+        hydra_dir = Path(value).expanduser() / OVERRIDES_FILE.parent
+        _RUN_CONFIG_BEFORE.update({p: p.read_bytes() for p in hydra_dir.glob("*.yaml")})
+
+
+def restore_run_config(refused: bool) -> None:
+    """``refused``: put back the files ``remember_run_config`` kept; otherwise the run has
+    started and its new config is the run's. Either way the kept copies are dropped."""
+    if refused and _first_process():
+        for path, data in _RUN_CONFIG_BEFORE.items():
+            path.write_bytes(data)
+    _RUN_CONFIG_BEFORE.clear()
+
+
 def previous_run(
     run_dir: Path, checkpoint_dir: Path | None = None, best_model: Path | None = None
 ) -> list[Path]:
@@ -112,10 +135,12 @@ def _arg(argv: list[str], key: str) -> str | None:
 def refuse_existing_run_dir(argv: list[str]) -> None:
     """Before Hydra writes ``.hydra/`` into it: a ``hydra.run.dir`` (or a ``hydra.sweep.dir``'s
     job dirs) holding a run is not reused unless the command resumes or says overwrite=true."""
-    if _arg(argv, "resume") not in (None, "null") or _arg(argv, "ckpt_path") not in (None, "null"):
+    if _arg(argv, "resume") not in (None, "null"):
         return
     if str(_arg(argv, "overwrite")).lower() == "true":
         return
+    ckpt = _arg(argv, "ckpt_path")
+    ckpt = None if ckpt in (None, "null") else Path(ckpt).expanduser().resolve()
     for key in ("hydra.run.dir", "hydra.sweep.dir"):
         value = _arg(argv, key)
         if not value or "${" in value:  # interpolations are resolved by Hydra: checked later
@@ -124,7 +149,8 @@ def refuse_existing_run_dir(argv: list[str]) -> None:
         dirs = [root] if key == "hydra.run.dir" else sorted(p for p in root.glob("*") if p.is_dir())
         for run_dir in dirs:
             found = previous_run(run_dir)
-            if found:
+            in_place = ckpt is not None and ckpt.is_relative_to(run_dir.resolve())
+            if found and not in_place:  # ckpt_path=<its own last.ckpt> continues it there
                 _refuse(key if key == "hydra.run.dir" else f"{key} job", run_dir, found)
 
 
