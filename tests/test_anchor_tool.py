@@ -98,3 +98,12 @@ def test_fit_writes_a_usable_preset_that_covers_at_least_as_well(
         return tool.coverage(train_boxes, anchors)["bpr"]
 
     assert bpr(pairs) >= bpr(anchor_pairs(tool.compose("train", ["anchors=tall_skinny"]).anchors))
+
+
+def test_fit_keeps_the_presets_clipping(train_boxes):
+    cfg = tool.compose("train", ["anchors=tall_skinny", "anchors.clip=false"])
+    result = tool.fit(cfg, "unclipped", seeds=1, gt=train_boxes)
+    assert result["preset"]["clip"] is False
+    anchors = generate_anchors(tool.feature_sizes(300), anchor_pairs(cfg.anchors), clip=False)
+    expected = tool.coverage(train_boxes, box_convert(anchors, "cxcywh", "xyxy"))
+    assert result["before"] == expected  # scored as the preset it starts from is built

@@ -77,6 +77,10 @@ def test_summarize_shows_the_best_parameters_first(search: Path, tmp_path: Path)
     rerun = next(line for line in lines if line.startswith("rerun it: "))
     assert "hparams_search=anchors_optuna" in rerun and "anchors.scales.6=" in rerun
     assert "Optuna search: best val/map_50" in (tmp_path / "summary.md").read_text()
+    # sorted by another column, the search's best is still named by its own metric
+    r = run_cli("ssd_lightning.summarize", str(search), "--metric", "train/loss")
+    assert r.stdout.splitlines()[0].startswith("Optuna search: best val/map_50 = ")
+    assert "(maximize)" in r.stdout.splitlines()[0]
 
 
 def test_the_objective_is_checked(tmp_path: Path) -> None:

@@ -12,7 +12,15 @@ import pytest
 from conftest import run_cli, tiny
 from PIL import Image
 
-from ssd_lightning.tools.summarize import FAILED, OK, find_jobs, main, sort_jobs, summarize
+from ssd_lightning.tools.summarize import (
+    FAILED,
+    OK,
+    find_jobs,
+    main,
+    sort_jobs,
+    sort_order,
+    summarize,
+)
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +155,18 @@ def test_named_job_dirs_beside_numbered_ones(sweep: Path, tmp_path: Path) -> Non
     shutil.copytree(sweep / "1", copy / "rerun_seed2")
     shutil.copytree(sweep / "0", copy / "10")
     assert [j.name for j in find_jobs(copy)] == ["0", "1", "2", "3", "10", "rerun_seed2"]
+
+
+def test_best_sorts_as_its_monitor(tmp_path: Path) -> None:
+    """``best`` is the exported model's score: a loss (runs without validation) sorts
+    ascending, a mAP descending."""
+    for monitor, scores in (("train/loss", (2.0, 0.5)), ("val/map_50", (0.2, 0.7))):
+        root = tmp_path / monitor.replace("/", "_")
+        for job, score in enumerate(scores):
+            (root / str(job) / ".hydra").mkdir(parents=True)
+            (root / str(job) / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+            metrics = {"best_model_score": score, "best_monitor": monitor}
+            (root / str(job) / "metrics.json").write_text(json.dumps(metrics))
+        jobs = find_jobs(root)
+        metric, ascending = sort_order(jobs, "best", None)
+        assert [j.name for j in sort_jobs(jobs, metric, ascending)] == ["1", "0"], monitor

@@ -170,12 +170,13 @@ def fit(cfg: DictConfig, name: str, seeds: int = 8, gt: Tensor | None = None) ->
     sizes = feature_sizes(cfg.model.net.image_size)
     gt = training_boxes(cfg) if gt is None else gt
     thr = cfg.model.loss.iou_threshold
+    clip = bool(anchors_cfg.get("clip", True))  # the fitted preset keeps the current one's
 
     def score(pairs: AnchorPairs) -> dict[str, float]:
-        anchors = generate_anchors(sizes, pairs, clip=True)
+        anchors = generate_anchors(sizes, pairs, clip=clip)
         return coverage(gt, box_convert(anchors, "cxcywh", "xyxy"), thr)
 
-    start_anchors = box_convert(generate_anchors(sizes, start, clip=True), "cxcywh", "xyxy")
+    start_anchors = box_convert(generate_anchors(sizes, start, clip=clip), "cxcywh", "xyxy")
     map_of_anchor = torch.repeat_interleave(
         torch.arange(len(sizes)),
         torch.tensor([h * w * len(level) for (h, w), level in zip(sizes, start, strict=True)]),
@@ -187,7 +188,7 @@ def fit(cfg: DictConfig, name: str, seeds: int = 8, gt: Tensor | None = None) ->
     after, pairs = max(scored, key=lambda sp: (sp[0]["bpr"], sp[0]["best_iou_mean"]))
     preset = {
         "name": name,
-        "clip": True,
+        "clip": clip,
         "pairs": [[[round(s, 4), round(r, 4)] for s, r in level] for level in pairs],
     }
     return {

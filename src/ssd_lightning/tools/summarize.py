@@ -312,10 +312,9 @@ def best_trial(jobs: Sequence[Job], results: SearchResults) -> Job | None:
     return None
 
 
-def search_report(
-    jobs: Sequence[Job], results: SearchResults, metric: str, ascending: bool
-) -> list[str]:
-    """The search's best value, parameters and rerun command, as lines."""
+def search_report(jobs: Sequence[Job], results: SearchResults) -> list[str]:
+    """The search's best value (of its own optimized_metric and direction, whatever the table
+    is sorted by), parameters and rerun command, as lines."""
     if results.solutions:  # several objectives: Optuna keeps the Pareto front
         lines = [f"Optuna search ({results.path.name}): {len(results.solutions)} Pareto solutions"]
         lines += [f"  values {s.get('values')}: {s.get('params')}" for s in results.solutions]
@@ -323,9 +322,10 @@ def search_report(
     best = best_trial(jobs, results)
     where = f" in job {best.name} ({best.path})" if best else ""
     value = "-" if results.best_value is None else f"{results.best_value:.4f}"
+    metric, ascending = search_defaults(jobs)
+    direction = "" if ascending is None else f" ({'minimize' if ascending else 'maximize'})"
     lines = [
-        f"Optuna search: best {metric} = {value} "
-        f"({'minimize' if ascending else 'maximize'}){where}",
+        f"Optuna search: best {metric or 'objective'} = {value}{direction}{where}",
         "best parameters:",
         *(f"  {k} = {_short(str(v))}" for k, v in results.best_params.items()),
     ]
@@ -349,12 +349,17 @@ def _short(value: str) -> str:
 
 def sort_order(jobs: Sequence[Job], metric: str | None, ascending: bool | None) -> tuple[str, bool]:
     """The metric to sort by and its order: as given, else the search's optimized_metric and
-    direction, else val/map_50 descending (metrics named *loss* ascending)."""
+    direction, else val/map_50 descending (metrics named *loss* ascending; ``best``, the
+    exported model's score, as its monitor: ascending when the jobs monitored a loss)."""
     searched_metric, searched_ascending = search_defaults(jobs)
     metric = metric or searched_metric or DEFAULT_METRIC
     if ascending is None:
         ascending = searched_ascending if metric == searched_metric else None
-    return metric, ("loss" in metric if ascending is None else ascending)
+    named = metric
+    if metric == "best":
+        monitors = {str(j.metrics.get("best_monitor", "")) for j in jobs} - {""}
+        named = monitors.pop() if len(monitors) == 1 else metric
+    return metric, ("loss" in named if ascending is None else ascending)
 
 
 def summarize(
@@ -393,7 +398,7 @@ def summarize(
         header += "\n\nCommon overrides: " + " ".join(f"`{k}={v}`" for k, v in common.items())
     results = read_results(root)
     if results is not None:
-        report = search_report(jobs, results, metric, ascending)
+        report = search_report(jobs, results)
         header += "\n\n" + "\n".join(f"    {line}" for line in report)
     files["md"].write_text(format_markdown(rows(jobs, metric, short=True), header))
     figure_to_png(_plot(jobs, metric, title=f"{root.name}: {metric}"), files["png"])
@@ -441,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     metric, ascending = sort_order(jobs, args.metric, args.ascending)
     results = read_results(args.multirun_dir)
     if results is not None:
-        print("\n".join(search_report(jobs, results, metric, ascending)) + "\n")
+        print("\n".join(search_report(jobs, results)) + "\n")
     _, _, common = _columns(jobs, metric)
     if common:
         print("common overrides: " + " ".join(f"{k}={v}" for k, v in common.items()))
