@@ -56,11 +56,12 @@ step benchmark_cuda_bf16_compile 300 "$PY" -m ssd_lightning.benchmark device=cud
 #    RECIPE_ARGS="trainer.max_epochs=120" (validation then every 3 epochs)
 read -r -a RECIPE_EXTRA <<< "${RECIPE_ARGS:-}"
 #    a) exactly `python -m ssd_lightning.train` (on a GPU: bf16-mixed and the GPU data path)
+#    (overwrite=true: a rerun into the same $OUT starts these runs over)
 step recipe_default 600 "$PY" -m ssd_lightning.train "${RECIPE_EXTRA[@]}" \
-    "hydra.run.dir=$OUT/recipe_default"
+    overwrite=true "hydra.run.dir=$OUT/recipe_default"
 #    b) the CPU data path instead, with 8 pinned persistent workers
 step recipe_cpu_augment 600 "$PY" -m ssd_lightning.train data.gpu_augment=false \
-    "${LOADER_ARGS[@]}" "${RECIPE_EXTRA[@]}" "hydra.run.dir=$OUT/recipe_cpu_augment"
+    "${LOADER_ARGS[@]}" "${RECIPE_EXTRA[@]}" overwrite=true "hydra.run.dir=$OUT/recipe_cpu_augment"
 
 # 4. one summary file
 "$PY" - "$OUT" <<'EOF' > "$OUT/summary.txt" 2>&1

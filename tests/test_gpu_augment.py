@@ -135,6 +135,8 @@ def test_batch_of_many_samples() -> None:
     # each sample as a batch of one gives the same pixels as inside the big batch
     one = aug(plan_collate([samples[3]]))
     torch.testing.assert_close(one.images[0], batch.images[3])
+    # what data.gpu_augment=auto weighs against the GPU's free memory is the store it builds
+    assert aug.store_bytes() == aug.store.numel() * aug.store.element_size()
 
 
 def test_photometric_matches_torchvision_float_kernels() -> None:

@@ -1,6 +1,7 @@
 """Batched postprocess equals a per-image torchvision NMS loop; a confident detection is never
 crowded out before NMS."""
 
+import importlib
 import math
 
 import pytest
@@ -179,3 +180,21 @@ def test_detections_do_not_depend_on_the_position_in_the_batch(batch):
             assert torch.equal(o["boxes"], out[0]["boxes"])
         kept |= counts
     assert kept == {1, 2}  # the sweep crossed the threshold
+
+
+def test_nms_by_groups_of_images_keeps_what_one_nms_keeps(monkeypatch):
+    # Above NMS_MAX_BOXES candidates (an untrained model at a large batch) NMS runs over groups
+    # of whole images: the very same detections.
+    g = torch.Generator().manual_seed(0)
+    B = 6
+    loc, logits = torch.randn(B, N, 4, generator=g) * 0.5, torch.randn(B, N, 2, generator=g) * 3
+    sizes = torch.tensor([[300, 400], [500, 200]] * (B // 2))
+    whole = postprocess(loc, logits, ANCHORS_CXCYWH, sizes, 0.3, 0.45, 500)
+    candidates = int((logits.softmax(-1)[..., 1] > 0.3).sum())
+    module = importlib.import_module("ssd_lightning.core.postprocess")  # core exports a function
+    monkeypatch.setattr(module, "NMS_MAX_BOXES", candidates // 4)  # ~4 groups
+    grouped = postprocess(loc, logits, ANCHORS_CXCYWH, sizes, 0.3, 0.45, 500)
+    assert sum(len(d["boxes"]) for d in whole) > 100
+    for a, b in zip(whole, grouped, strict=True):
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(a[key], b[key]), key

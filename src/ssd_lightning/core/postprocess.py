@@ -54,6 +54,33 @@ def check_thresholds(thresholds: Mapping[str, Any], key: str) -> dict[str, Any]:
     return dict(thresholds)
 
 
+# One NMS call takes at most this many boxes in eager mode: torchvision's kernel keeps an n x n
+# bit mask (n**2 / 8 bytes: 0.5 GB here) and its CUDA kernel fails above ~393k boxes, which an
+# untrained model at a large batch reaches (~3,600 candidates per image at predict's threshold).
+NMS_MAX_BOXES = 65_536
+
+
+def _nms_by_images(shifted: Tensor, ranks: Tensor, img: Tensor, B: int, thr: float) -> Tensor:
+    """NMS of the cells (``shifted`` (n, 4), ``ranks`` (n,), ``img`` (n,) image of each box),
+    indices of the kept boxes. The images' cells never overlap, so NMS over groups of whole
+    images keeps exactly what one NMS over all keeps; above ``NMS_MAX_BOXES`` (eager only: a
+    traced graph has no Python int to compare) the images go by groups below that size."""
+    n = shifted.shape[0]
+    if not isinstance(n, int) or n <= NMS_MAX_BOXES:
+        return nms(shifted, ranks, thr)
+    by_image = img.argsort(stable=True)  # the boxes of image 0, then of image 1, ...
+    keep, start, end = [], 0, 0
+    for count in torch.bincount(img, minlength=B).tolist():  # the one extra sync
+        if end > start and end - start + count > NMS_MAX_BOXES:
+            idx = by_image[start:end]
+            keep.append(idx[nms(shifted[idx], ranks[idx], thr)])
+            start = end
+        end += count
+    idx = by_image[start:end]
+    keep.append(idx[nms(shifted[idx], ranks[idx], thr)])
+    return torch.cat(keep)
+
+
 def postprocess(
     loc: Tensor,
     logits: Tensor,
@@ -150,7 +177,7 @@ def select_detections(
     shifted = torch.round(unit * 2**15) / 2**15 + cell
     n = scores.shape[0]
     ranks = torch.arange(n, 0, -1, device=boxes.device, dtype=unit.dtype)  # exact below 2**24
-    keep = nms(shifted, ranks, nms_threshold)  # ascending: sorted by score
+    keep = _nms_by_images(shifted, ranks, img, B, nms_threshold)
     # top-k per image: order the survivors by image, then by score (unique keys: any sort is
     # stable), then rank within each image
     keep = keep[(img[keep] * n + keep).argsort()]

@@ -204,6 +204,19 @@ class DetectionDataModule(L.LightningDataModule):
                 ", ".join(missing),
             )
             return False
+        if self.gpu_augment == "auto" and on_gpu:
+            # every training image stays on the device: fine for Penn-Fudan (~1.2 GB), not for
+            # a large dataset, which auto leaves to the CPU workers
+            need = GpuAugmenter(self.train_set).store_bytes()
+            free, _ = torch.cuda.mem_get_info(self.trainer.strategy.root_device)
+            if need > free // 4:
+                log.info(
+                    "data.gpu_augment=auto: the training images would take %.1f GB of the GPU's "
+                    "%.1f GB free; the CPU data path is used (data.gpu_augment=true forces it)",
+                    need / 1e9,
+                    free / 1e9,
+                )
+                return False
         return True
 
     def train_dataloader(self) -> DataLoader:

@@ -32,6 +32,7 @@ from ssd_lightning.core.postprocess import (
 )
 from ssd_lightning.core.ssd import SSD
 from ssd_lightning.core.step import forward_with_loss
+from ssd_lightning.data.batch import TargetBatch
 from ssd_lightning.data.dataset import CLASS_NAMES
 from ssd_lightning.training.checkpoint import CKPT_KEY, EMA_PREFIX, NET_PREFIX
 from ssd_lightning.training.ema import EMA
@@ -347,8 +348,10 @@ class SSDLitModule(L.LightningModule):
                 self.last_map_per_class[names[c] if 0 <= c < len(names) else str(c)] = ap
         # Only scalars are logged: per-class / per-size entries are tensors or -1 placeholders.
         # sync_dist only averages identical values; it keeps Lightning's DDP check quiet
+        # (torchmetrics returns them on the CPU; NCCL reduces device tensors only)
         for k in MAP_KEYS:
-            self.log(f"val/{k}", result[k].float(), prog_bar=k == "map_50", sync_dist=True)
+            value = result[k].float().to(self.device)
+            self.log(f"val/{k}", value, prog_bar=k == "map_50", sync_dist=True)
 
     # ---------------------------------------------------------------------------------------------
     def predict_step(
@@ -399,6 +402,15 @@ class SSDLitModule(L.LightningModule):
             if self.ema is not None:
                 self.ema.net.to(memory_format=torch.channels_last)
         log_hparams_tensorboard(self.trainer, self.hparams_for_logging())
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        # Lightning copies bare tensors with non_blocking=True, but not the fields of the batch
+        # dataclasses: each pinned field would be a host sync per step
+        if isinstance(batch, TargetBatch) and device.type == "cuda":
+            return batch.to(device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_train_start(self) -> None:
         # after every move of the network (device, memory format), which replaces buffer objects

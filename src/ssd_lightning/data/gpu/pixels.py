@@ -67,6 +67,14 @@ class GpuAugmenter:
         self.store: Tensor | None = None
         self.gray_mean: Tensor | None = None  # (N,) grey mean of each source image in [0, 1]
 
+    def store_bytes(self) -> int:
+        """The size of ``store`` (the images are decoded for their sizes: cached ones are not
+        decoded again)."""
+        shapes = [self.dataset.image(i).shape for i in range(len(self.dataset))]
+        hmax, wmax = max(s[1] for s in shapes), max(s[2] for s in shapes)
+        itemsize = (self.dtype or torch.float32).itemsize
+        return len(shapes) * 3 * (hmax + 1) * (wmax + 1) * itemsize
+
     def _build(self, device: torch.device) -> None:
         images = [self.dataset.image(i) for i in range(len(self.dataset))]  # uint8, cached
         hmax = max(im.shape[1] for im in images)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torchvision
 
+from ssd_lightning.config.atomic import atomic_write
 from ssd_lightning.tools.benchmark import sections
 from ssd_lightning.tools.benchmark.options import Options, parse_options
 from ssd_lightning.tools.benchmark.steps import build_net
@@ -125,14 +126,26 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict:
     num_anchors = build_net(opts, torch.device("cpu")).num_anchors
     result["meta"] = _meta(opts, device, num_anchors)
     log(f"benchmark on {result['meta']['device_name']} ({device}), sections {opts.sections}")
+
+    def save() -> None:  # after every section: a run stopped by a time limit keeps what it got
+        if opts.out:
+            with atomic_write(opts.out) as tmp:
+                table = format_table(result)
+                tmp.write_text(json.dumps({**result, "table": table}, indent=2, default=str))
+
     onnx = None
     if "inference" in opts.sections:
-        onnx, result["onnxruntime"] = sections.onnx_detector(opts, log)
+        if device.type == "cpu":  # onnxruntime runs on the CPU: compared with the CPU only
+            onnx, result["onnxruntime"] = sections.onnx_detector(opts, log)
+        else:
+            result["onnxruntime"] = f"skipped: the benchmark runs on {device.type}"
     if any(s in opts.sections for s in ("bare", "step", "torchvision", "inference")):
         for bs in opts.batch_sizes:
             result["train"][str(bs)] = sections.bench_training(opts, device, bs, log, onnx)
+            save()
     if "data" in opts.sections:
         result["data"] = sections.bench_data(opts, device, log)
+        save()
     if "fit" in opts.sections:
         result["fit"] = sections.bench_fit(opts, device, log)
         step = result["train"].get(str(opts.fit_batch_size), {}).get("step")
@@ -144,11 +157,9 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict:
     table = format_table(result)
     result["table"] = table
     log(table)
+    save()
     if opts.out:
-        out = Path(opts.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str))
-        log(f"wrote {out}")
+        log(f"wrote {opts.out}")
     return result
 
 
