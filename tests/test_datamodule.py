@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import MANIFEST, PENNFUDAN
 from omegaconf import OmegaConf
-from torch.utils.data import Subset
+from torch.utils.data import DistributedSampler, Subset
 from torchvision import tv_tensors
 
 from ssd_lightning.config.paths import load_option
@@ -187,6 +188,21 @@ def test_datamodule_loader_settings():
         and dl.batch_size == 5
         and dl.generator is None
     )
+
+
+def test_validation_under_ddp_sees_each_image_once(dm):
+    # 50 validation images on 4 ranks: 13 + 13 + 12 + 12, none twice (a padding sampler: 52)
+    shares = []
+    for rank in range(4):
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=4)
+        try:
+            loader = dm.val_dataloader()
+        finally:
+            dm.trainer = None
+        assert isinstance(loader.sampler, DistributedSampler)  # Lightning keeps it
+        shares.append(list(loader.sampler))
+    assert sorted(i for share in shares for i in share) == list(range(50))
+    assert [len(share) for share in shares] == [13, 13, 12, 12]
 
 
 # -- Hydra config --------------------------------------------------------------------------------

@@ -27,7 +27,12 @@ from ssd_lightning.data.presets import (
     build_fallbacks,
     build_train_transform,
 )
-from ssd_lightning.data.sampling import EpochSeededSampler, SeededSamples, seed_worker
+from ssd_lightning.data.sampling import (
+    EpochSeededSampler,
+    SeededSamples,
+    ShardSampler,
+    seed_worker,
+)
 from ssd_lightning.data.workers import worker_context
 
 log = logging.getLogger(__name__)
@@ -147,8 +152,10 @@ class DetectionDataModule(L.LightningDataModule):
         # seed null: torch's global generator (i.e. seed_everything) shuffles and seeds workers
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         sampler = None
+        world = trainer.world_size if trainer is not None else 1
+        if not train and world > 1:
+            sampler = ShardSampler(len(ds), num_replicas=world, rank=rank)  # no image twice
         if train and self.seed is not None:
-            world = trainer.world_size if trainer is not None else 1
             sampler = EpochSeededSampler(len(ds), self.seed, num_replicas=world, rank=rank)
             if trainer is not None:
                 # Lightning makes the fit's first iterator before its first set_epoch, and with

@@ -87,3 +87,19 @@ class SeededSamples(Dataset):
             random.seed(seed)
             np.random.seed(seed % 2**32)  # noqa: NPY002 - the legacy global RNG third-party code uses
         return self.dataset[item]
+
+
+class ShardSampler(DistributedSampler):
+    """Evaluation under DDP: rank ``r`` of ``n`` takes images ``r, r + n, ...``, each image once.
+    Lightning's own DistributedSampler pads the ranks to equal length with repeated images, which
+    the mAP would count twice (50 images on 4 GPUs: 52); being a ``DistributedSampler`` this one
+    is kept as it is. Ranks may get one image more than others: evaluation has no per-step
+    collective (the metrics gather their states once, at the end)."""
+
+    def __init__(self, size: int, num_replicas: int, rank: int) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.indices = list(range(rank, size, num_replicas))
+        self.num_samples = len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
