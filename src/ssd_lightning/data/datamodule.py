@@ -160,8 +160,11 @@ class DetectionDataModule(L.LightningDataModule):
             if trainer is not None:
                 # Lightning makes the fit's first iterator before its first set_epoch, and with
                 # workers the indices are drawn right then: start at the epoch it will train
-                # (a resumed run's, not 0)
-                sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+                # (a resumed run's, not 0; after an epoch-end checkpoint, the next one)
+                epoch = trainer.fit_loop.epoch_progress.current.processed
+                if self._resume_position is not None:
+                    epoch = self._resume_position[0]
+                sampler.set_epoch(epoch)
             if self._resume_position is not None:
                 sampler.resume_at(*self._resume_position)
                 self._resume_position = None
@@ -190,6 +193,8 @@ class DetectionDataModule(L.LightningDataModule):
         if sampler is None or trainer is None:
             return {}
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if batches >= trainer.num_training_batches:  # saved at the epoch's end: the next is due
+            return {"epoch": sampler.epoch + 1, "samples_done": 0}
         return {"epoch": sampler.epoch, "samples_done": batches * self.batch_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
