@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ssd_lightning.core.plain import to_plain
-from ssd_lightning.data.batch import PlanBatch, collate_fn, plan_collate
+from ssd_lightning.data.batch import PlanBatch, TargetBatch, collate_fn, plan_collate
 from ssd_lightning.data.dataset import CLASS_NAMES, DetectionDataset
 from ssd_lightning.data.gpu.pixels import GpuAugmenter
 from ssd_lightning.data.gpu.plan import GpuPlanDataset, unplannable_steps
@@ -238,6 +238,15 @@ class DetectionDataModule(L.LightningDataModule):
             self.gpu_augmenter = GpuAugmenter(self.train_set)
             return self._loader(GpuPlanDataset(self.train_set), train=True, collate=plan_collate)
         return self._loader(self.train_set, train=True)
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        # Lightning copies bare tensors with non_blocking=True, but not the fields of the batch
+        # dataclasses: each pinned field would be a host sync per step
+        if isinstance(batch, TargetBatch) and device.type == "cuda":
+            return batch.to(device, non_blocking=True)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # GPU data path: the batch arrives as boxes + drawn parameters; make the pixels here

@@ -32,7 +32,6 @@ from ssd_lightning.core.postprocess import (
 )
 from ssd_lightning.core.ssd import SSD
 from ssd_lightning.core.step import forward_with_loss
-from ssd_lightning.data.batch import TargetBatch
 from ssd_lightning.data.dataset import CLASS_NAMES
 from ssd_lightning.training.checkpoint import CKPT_KEY, EMA_PREFIX, NET_PREFIX
 from ssd_lightning.training.ema import EMA
@@ -402,15 +401,6 @@ class SSDLitModule(L.LightningModule):
             if self.ema is not None:
                 self.ema.net.to(memory_format=torch.channels_last)
         log_hparams_tensorboard(self.trainer, self.hparams_for_logging())
-
-    def transfer_batch_to_device(
-        self, batch: Any, device: torch.device, dataloader_idx: int
-    ) -> Any:
-        # Lightning copies bare tensors with non_blocking=True, but not the fields of the batch
-        # dataclasses: each pinned field would be a host sync per step
-        if isinstance(batch, TargetBatch) and device.type == "cuda":
-            return batch.to(device, non_blocking=True)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def on_train_start(self) -> None:
         # after every move of the network (device, memory format), which replaces buffer objects
