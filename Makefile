@@ -5,7 +5,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-all lint format clean-venv
+.PHONY: train test test-slow test-all lint format clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ train: $(STAMP)
 
 test: lint
 	$(PY) -m pytest $(ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow $(ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -m '' $(ARGS)
