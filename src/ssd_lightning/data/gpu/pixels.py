@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torchvision.ops import roi_align
@@ -67,22 +69,23 @@ class GpuAugmenter:
         self.store: Tensor | None = None
         self.gray_mean: Tensor | None = None  # (N,) grey mean of each source image in [0, 1]
 
+    def _store_shape(self, images: list[Tensor]) -> tuple[int, int, int, int]:
+        # one spare row/column: each image's last row/column is repeated into it, so roi_align's
+        # bilinear samples at the right/bottom edge see the edge (as F.resize does), not padding
+        hmax = max(im.shape[1] for im in images)
+        wmax = max(im.shape[2] for im in images)
+        return len(images), 3, hmax + 1, wmax + 1
+
     def store_bytes(self) -> int:
         """The size of ``store`` (the images are decoded for their sizes: cached ones are not
         decoded again)."""
-        shapes = [self.dataset.image(i).shape for i in range(len(self.dataset))]
-        hmax, wmax = max(s[1] for s in shapes), max(s[2] for s in shapes)
-        itemsize = (self.dtype or torch.float32).itemsize
-        return len(shapes) * 3 * (hmax + 1) * (wmax + 1) * itemsize
+        images = [self.dataset.image(i) for i in range(len(self.dataset))]
+        return math.prod(self._store_shape(images)) * (self.dtype or torch.float32).itemsize
 
     def _build(self, device: torch.device) -> None:
         images = [self.dataset.image(i) for i in range(len(self.dataset))]  # uint8, cached
-        hmax = max(im.shape[1] for im in images)
-        wmax = max(im.shape[2] for im in images)
         dtype = self.dtype or torch.float32
-        # one spare row/column: each image's last row/column is repeated into it, so roi_align's
-        # bilinear samples at the right/bottom edge see the edge (as F.resize does), not padding
-        store = torch.zeros(len(images), 3, hmax + 1, wmax + 1, dtype=dtype, device=device)
+        store = torch.zeros(self._store_shape(images), dtype=dtype, device=device)
         means = []
         for i, im in enumerate(images):  # once per run, not per step
             h, w = im.shape[1:]
