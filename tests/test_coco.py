@@ -23,6 +23,7 @@ from ssd_lightning.data.coco_datamodule import CocoDataModule
 from ssd_lightning.data.convert import pennfudan_to_coco
 from ssd_lightning.data.dataset import PennFudanDataset
 from ssd_lightning.data.gpu.plan import GpuPlanDataset
+from ssd_lightning.data.images import read_rgb
 from ssd_lightning.data.mask_runs import visible_boxes
 from ssd_lightning.data.presets import build_eval_transform, build_fallbacks, build_train_transform
 from ssd_lightning.data.segmentation import (
@@ -377,6 +378,36 @@ def test_an_image_of_another_size_than_its_entry_is_named(tmp_path):
     ds = CocoDataset(read_coco(_write(tmp_path, blob), IMAGES))
     with pytest.raises(CocoFormatError, match="image id 1 says 500x559"):
         ds.raw(0)
+
+
+@pytest.mark.parametrize(
+    ("orientation", "entry_hw", "as_shown"),
+    [
+        (6, (40, 20), True),  # a phone's portrait photo, annotated as displayed
+        (6, (20, 40), False),  # ... by a tool that ignored the orientation: the entry says so
+        (3, (20, 40), True),  # upside down: the sizes agree, the photo as displayed
+    ],
+)
+def test_photos_are_read_in_the_orientation_they_were_annotated(
+    tmp_path, orientation, entry_hw, as_shown
+):
+    rgb = np.zeros((20, 40, 3), np.uint8)  # stored 40 wide, 20 high; red left, blue right
+    rgb[:, :20, 0] = rgb[:, 20:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # EXIF Orientation
+    Image.fromarray(rgb).save(tmp_path / "photo.png", exif=exif)
+    h, w = entry_hw
+    blob = {
+        "images": [{"id": 1, "file_name": "photo.png", "height": h, "width": w}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    ds = CocoDataset(read_coco(_write(tmp_path, blob), tmp_path))
+    img, target = ds.raw(0)
+    expected = read_rgb(tmp_path / "photo.png", exif_transpose=as_shown)
+    assert torch.equal(img, expected) and tuple(img.shape[-2:]) == entry_hw
+    assert not torch.equal(expected, read_rgb(tmp_path / "photo.png", exif_transpose=not as_shown))
+    assert target["boxes"].tolist() == [[2, 2, 12, 12]]
 
 
 def test_seeded_split_is_recorded_and_reused(tmp_path):

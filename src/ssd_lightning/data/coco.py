@@ -3,11 +3,13 @@ the file and the entry), the instance masks of an image's annotations (``instanc
 decoding is ``data.segmentation``'s), and ``CocoDataset`` (a ``DetectionDataset`` over one
 annotation file's images).
 
-Boxes: COCO ``bbox`` is ``[x, y, width, height]`` in pixels of the stored image; here they become
-xyxy pixel edges (the package's format), clipped to the image. Category ids of any value map to
-the contiguous labels 1..K in ascending id order (0 = background); ``class_names[label]`` is the
-category's name. ``iscrowd`` annotations are left out of training and kept, flagged, for the
-evaluation (COCO's rule: a detection on a crowd region is neither a hit nor a false positive).
+Boxes: COCO ``bbox`` is ``[x, y, width, height]`` in pixels of the image as annotated (a photo's
+EXIF orientation applied, as labelling tools display it, unless only the stored pixels have the
+entry's width and height); here they become xyxy pixel edges (the package's format), clipped to
+the image. Category ids of any value map to the contiguous labels 1..K in ascending id order
+(0 = background); ``class_names[label]`` is the category's name. ``iscrowd`` annotations are
+left out of training and kept, flagged, for the evaluation (COCO's rule: a detection on a crowd
+region is neither a hit nor a false positive).
 Segmentations (polygons or RLE) become the instance masks of the mask-tight boxes, as Penn-Fudan's
 mask files do (``mask_runs.MaskRuns``); an annotation without one gets its box, filled.
 """
@@ -323,7 +325,16 @@ class CocoDataset(DetectionDataset):
         return self.root / self.entries[index].file_name
 
     def image(self, index: int) -> Tensor:
-        return load_image(str(self.image_path(index)))
+        """The image as it was annotated: as displayed (EXIF orientation applied, as labelling
+        tools show a phone's photo), unless only the stored pixels have the entry's size (a tool
+        that ignored the orientation)."""
+        entry, path = self.entries[index], str(self.image_path(index))
+        shown = load_image(path, exif_transpose=True)
+        if shown.shape[-2:] != (entry.height, entry.width):
+            stored = load_image(path)
+            if stored.shape[-2:] == (entry.height, entry.width):
+                return stored
+        return shown
 
     def _keep(self, entry: CocoImage) -> Tensor:
         return ~entry.crowd if self.train else torch.ones_like(entry.crowd)

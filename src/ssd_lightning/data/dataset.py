@@ -52,15 +52,17 @@ def _file_key(path: str) -> tuple[str, int, int]:
     return path, st.st_mtime_ns, st.st_size
 
 
-def load_image(path: str) -> Tensor:
-    """Decoded uint8 (3,H,W) RGB image (grayscale/RGBA/palette converted), cached per process."""
-    return _cached_image(*_file_key(path))
+def load_image(path: str, exif_transpose: bool = False) -> Tensor:
+    """Decoded uint8 (3,H,W) RGB image (grayscale/RGBA/palette converted), cached per process.
+    By default the pixels as stored (Penn-Fudan's masks are aligned to them); ``exif_transpose``:
+    as displayed, the EXIF orientation applied."""
+    return _cached_image(*_file_key(path), exif_transpose)
 
 
 @functools.cache
-def _cached_image(path: str, mtime_ns: int, size: int) -> Tensor:
-    try:  # the pixels as stored: the masks are aligned to them, so no EXIF rotation
-        return read_rgb(path, exif_transpose=False)
+def _cached_image(path: str, mtime_ns: int, size: int, exif_transpose: bool) -> Tensor:
+    try:
+        return read_rgb(path, exif_transpose=exif_transpose)
     except InputError as e:
         raise DatasetReadError(f"image file {e}") from e
 
