@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +37,8 @@ class CocoDataModule(DetectionDataModule):
     split holds out: a count, or a fraction in (0, 1); 0 = no validation. split_seed: the split's
     seed. split_file: where the split is recorded (null = ``<train_json stem>_split.json`` beside
     it; ``<train_json stem>_split_seed<N>.json`` for a split_seed other than the default).
-    num_classes: checked against the categories + background. The other arguments: see
-    ``DetectionDataModule``.
+    num_classes: checked against the categories + background. ``options``: the loader and
+    augmentation arguments, see ``DetectionDataModule``.
     """
 
     def __init__(
@@ -50,30 +49,10 @@ class CocoDataModule(DetectionDataModule):
         val_size: int | float = 0.2,
         split_seed: int = SPLIT_SEED,
         split_file: str | Path | None = None,
-        image_size: int = 300,
-        batch_size: int = 16,
-        num_workers: int = 2,
-        pin_memory: bool | str = "auto",
-        persistent_workers: bool = False,
-        seed: int | None = 0,
-        augmentation: Mapping | None = None,
-        preload: bool = True,
-        drop_last: bool = False,
-        gpu_augment: bool | str = "auto",
         num_classes: int | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            image_size,
-            batch_size,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            seed,
-            augmentation,
-            preload,
-            drop_last,
-            gpu_augment,
-        )
+        super().__init__(**options)
         if isinstance(val_size, float) and not isinstance(val_size, bool):
             if not 0 < val_size < 1:
                 raise ValueError(

@@ -6,8 +6,9 @@ into another root) with the committed train / val split, on `DetectionDataModule
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -44,7 +45,8 @@ class PennFudanDataModule(DetectionDataModule):
     `data.root=<dir> data.split=null data.verify=none`).
     verify: quick (names + sizes) | full (sha256) | none. download: fetch the official archive
     into `root` if it is missing (offline this fails within `download_timeout` seconds).
-    The other arguments: see ``DetectionDataModule``.
+    num_classes: checked against Penn-Fudan's (2, with the background). ``options``: the
+    loader and augmentation arguments, see ``DetectionDataModule``.
     """
 
     def __init__(
@@ -53,37 +55,17 @@ class PennFudanDataModule(DetectionDataModule):
         manifest: str | Path | None = None,
         split: str | Path | None = None,
         val_size: int = 50,
-        image_size: int = 300,
-        batch_size: int = 16,
-        num_workers: int = 2,
-        pin_memory: bool | str = "auto",
-        persistent_workers: bool = False,
-        seed: int | None = 0,
-        augmentation: Mapping | None = None,
         verify: str = "quick",
         download: bool = False,
         download_url: str = URL,
         download_sha256: str | None = None,
         download_timeout: float = 5.0,
-        preload: bool = True,
-        drop_last: bool = False,
-        gpu_augment: bool | str = "auto",
         num_classes: int | None = None,
+        **options: Any,
     ) -> None:
         self.verify = check_choice("data.verify", verify, _VERIFY)
         check_int("val_size", val_size, 0)
-        super().__init__(
-            image_size,
-            batch_size,
-            num_workers,
-            pin_memory,
-            persistent_workers,
-            seed,
-            augmentation,
-            preload,
-            drop_last,
-            gpu_augment,
-        )
+        super().__init__(**options)
         self._check_num_classes(num_classes, self.class_names, "Penn-Fudan")
         if root is None:  # the vendored dataset
             root = data_dir() / "PennFudanPed"
