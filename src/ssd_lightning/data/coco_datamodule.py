@@ -173,17 +173,11 @@ class CocoDataModule(DetectionDataModule):
                 self.val_set = self._preloaded(
                     CocoDataset(self.train_ann, self._indices(val_names), self.eval_transform)
                 )
-        if self.test_set is None:
-            if self.val_set is not None:
-                self.test_set = self.val_set
-            else:
-                warnings.warn(
-                    "data.val_size=0: no held-out images; the test set is all training images",
-                    stacklevel=2,
-                )
-                self.test_set = self._preloaded(
-                    CocoDataset(self.train_ann, self._indices(train_names), self.eval_transform)
-                )
+        self._set_test_set(
+            lambda: self._preloaded(
+                CocoDataset(self.train_ann, self._indices(train_names), self.eval_transform)
+            )
+        )
 
     def training_boxes(self) -> Tensor:
         """GT boxes of the training split (crowd left out), (G, 4) xyxy normalized to their image

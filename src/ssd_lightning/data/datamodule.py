@@ -9,6 +9,7 @@ pixels [0,S] (train: after augmentation; val/test: resized ground truth), orig_s
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -130,6 +131,19 @@ class DetectionDataModule(L.LightningDataModule):
     def split_description(self, use_val: bool) -> str:
         """What ``evaluate`` ran on, for its table's title."""
         return "val" if use_val else "all"
+
+    def _set_test_set(self, all_training_images: Callable[[], DetectionDataset]) -> None:
+        """The test set is the validation set; without one, every training image (warned)."""
+        if self.test_set is not None:
+            return
+        if self.val_set is not None:
+            self.test_set = self.val_set
+            return
+        warnings.warn(
+            "data.val_size=0: no held-out images; the test set is all training images",
+            stacklevel=3,
+        )
+        self.test_set = all_training_images()
 
     def _preloaded(self, ds: DetectionDataset) -> DetectionDataset:
         if self.preload:  # decode images and masks once here, so forked workers inherit them

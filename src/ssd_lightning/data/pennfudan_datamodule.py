@@ -120,15 +120,7 @@ class PennFudanDataModule(DetectionDataModule):
             self.train_set = self._dataset(train_names, self.train_transform, self.fallbacks, True)
         if self.val_set is None and val_names:
             self.val_set = self._dataset(val_names, self.eval_transform)
-        if self.test_set is None:
-            if self.val_set is not None:
-                self.test_set = self.val_set
-            else:
-                warnings.warn(
-                    "data.val_size=0: no held-out images; the test set is all training images",
-                    stacklevel=2,
-                )
-                self.test_set = self._dataset(train_names, self.eval_transform)
+        self._set_test_set(lambda: self._dataset(train_names, self.eval_transform))
 
     def _dataset(
         self,
