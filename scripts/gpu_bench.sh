@@ -51,17 +51,18 @@ step benchmark_cuda_bf16_compile 300 "$PY" -m ssd_lightning.benchmark device=cud
     'batch_sizes=[32,128]' steps=20 warmup=10 repeats=5 compile=true \
     'sections=[bare,step,inference]' out="$OUT/benchmark_cuda_bf16_compile.json"
 
-# 3. the default recipe end to end (360 epochs, validation every 10), start-up included.
+# 3. the default recipe end to end (320 epochs, validation every 10), start-up included.
 #    RECIPE_ARGS adds overrides to both runs, e.g. to fit a short device budget:
 #    RECIPE_ARGS="trainer.max_epochs=120" (validation then every 3 epochs)
 read -r -a RECIPE_EXTRA <<< "${RECIPE_ARGS:-}"
-#    a) exactly `python -m ssd_lightning.train` (on a GPU: bf16-mixed and the GPU data path)
+#    a) `python -m ssd_lightning.train` (on a GPU: bf16-mixed); its iou_crop augmentation runs on
+#    the CPU data path, here with 8 pinned persistent workers
 #    (overwrite=true: a rerun into the same $OUT starts these runs over)
-step recipe_default 600 "$PY" -m ssd_lightning.train "${RECIPE_EXTRA[@]}" \
+step recipe_default 600 "$PY" -m ssd_lightning.train "${LOADER_ARGS[@]}" "${RECIPE_EXTRA[@]}" \
     overwrite=true "hydra.run.dir=$OUT/recipe_default"
-#    b) the CPU data path instead, with 8 pinned persistent workers
-step recipe_cpu_augment 600 "$PY" -m ssd_lightning.train data.gpu_augment=false \
-    "${LOADER_ARGS[@]}" "${RECIPE_EXTRA[@]}" overwrite=true "hydra.run.dir=$OUT/recipe_cpu_augment"
+#    b) augmentation=safe_crop on the GPU data path (the crops batched on the device)
+step recipe_gpu_augment 600 "$PY" -m ssd_lightning.train augmentation=safe_crop \
+    data.gpu_augment=true "${RECIPE_EXTRA[@]}" overwrite=true "hydra.run.dir=$OUT/recipe_gpu_augment"
 
 # 4. one summary file
 "$PY" - "$OUT" <<'EOF' > "$OUT/summary.txt" 2>&1

@@ -264,6 +264,7 @@ def test_multiclass_coco_learns_every_class_then_predicts_and_evaluates(shapes, 
         *data,
         "scheduler=none",  # the whole lr for all 60 steps (the default decays it)
         "model.ema_decay=null",  # the trained weights: 60 steps leave the average behind them
+        "optimizer=adam",  # no weight decay: a long run's regularizer, nothing to a 60-step fit
         model__net__image_size=192,
         data__batch_size=2,
         trainer__max_epochs=epochs,

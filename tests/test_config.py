@@ -117,11 +117,11 @@ def test_tool_configs_compose(name: str, tmp_path: Path) -> None:
 
 def test_default_recipe(tmp_path: Path) -> None:
     cfg = make_cfg([], tmp_path / "run")
-    assert cfg.trainer.max_epochs == 360 and cfg.optimizer.lr == 1e-3
-    assert cfg.optimizer._target_ == "torch.optim.Adam"
+    assert cfg.trainer.max_epochs == 320 and cfg.optimizer.lr == 1e-3
+    assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.optimizer.weight_decay == 0.05
     assert cfg.scheduler._target_ == "ssd_lightning.training.schedules.warmup_cosine"
     assert cfg.model.optimizer == cfg.optimizer and cfg.model.scheduler == cfg.scheduler
-    assert cfg.anchors.name == "tall_skinny" and cfg.augmentation.name == "safe_crop"
+    assert cfg.anchors.name == "tall_skinny" and cfg.augmentation.name == "iou_crop"
     assert cfg.data.val_size == 50 and cfg.model.loss.neg_ratio == 4
     assert dict(cfg.model.predict) == {"score_threshold": 0.5, "nms_threshold": 0.45, "top_k": 20}
     assert cfg.model.evaluate.score_threshold == 0.01 and cfg.model.evaluate.top_k == 100
@@ -133,6 +133,14 @@ def test_default_recipe(tmp_path: Path) -> None:
     assert original.data.val_size == 0
     assert original.callbacks.model_checkpoint.monitor == "train/loss"
     assert original.model.ema_decay is None and original.scheduler is None
+    assert original.optimizer._target_ == "torch.optim.Adam"
+    assert original.optimizer.weight_decay == 0
+    # the default before weight decay and iou_crop (the README's Accuracy table compares them)
+    previous = make_cfg(["experiment=adam_safe_crop"], tmp_path / "run3")
+    assert previous.optimizer._target_ == "torch.optim.Adam"
+    assert previous.optimizer.weight_decay == 0
+    assert previous.augmentation.name == "safe_crop" and previous.trainer.max_epochs == 360
+    assert previous.trainer.check_val_every_n_epoch == 10 and previous.model.ema_decay == 0.995
 
 
 def test_precision_follows_the_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -159,7 +167,7 @@ def test_validation_interval_validates_the_last_epoch_about_n_times(epochs, vali
 
 
 def test_long_runs_validate_every_few_epochs(tmp_path: Path) -> None:
-    """The default run (360 epochs) validates every 10; short runs every epoch; an int wins."""
+    """The default run (320 epochs) validates every 10; short runs every epoch; an int wins."""
     assert make_cfg([], tmp_path / "a").trainer.check_val_every_n_epoch == 10
     short = make_cfg(["trainer.max_epochs=20"], tmp_path / "b")
     assert short.trainer.check_val_every_n_epoch == 1

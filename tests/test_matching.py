@@ -1,7 +1,7 @@
 """Batched matching: equal to torchvision's SSDMatcher, plus its invariants."""
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torchvision.models.detection._utils import SSDMatcher
 from torchvision.ops import box_iou
@@ -36,7 +36,8 @@ def test_image_without_gt_is_all_negative():
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(0, 6), min_size=1, max_size=4), st.integers(0, 2**31 - 1))
-def test_every_gt_gets_a_positive_and_forced_matches_hold(counts, seed):
+@example(counts=[5], seed=106965363)  # GTs 2 and 4 share their best anchor; 2 has no other
+def test_gts_get_a_positive_and_forced_matches_hold(counts, seed):
     boxes, _, mask = random_gt(counts, torch.Generator().manual_seed(seed))
     matched = match_anchors(boxes, mask, ANCHORS_XYXY, 0.5)
     for b, n in enumerate(counts):
@@ -49,7 +50,11 @@ def test_every_gt_gets_a_positive_and_forced_matches_hold(counts, seed):
             # forced: a GT's best anchor belongs to it, unless a later GT has the same best anchor
             owner = max(h for h in range(n) if best[h] == best[g])
             assert matched[b, best[g]] == owner
-        assert set(matched[b][matched[b] >= 0].tolist()) == set(range(n))  # >= 1 positive each
+        # >= 1 positive for every GT that owns its best anchor; a GT whose best anchor a later
+        # GT takes (as in torchvision's SSDMatcher) may be left with none
+        owners = {max(h for h in range(n) if best[h] == best[g]) for g in range(n)}
+        positives = set(matched[b][matched[b] >= 0].tolist())
+        assert owners <= positives <= set(range(n))
         # every other positive reaches the threshold with the GT it is assigned to
         pos = (matched[b] >= 0).nonzero().flatten()
         forced = set(best.tolist())

@@ -110,7 +110,7 @@ def test_tensorboard_events(tiny_run: dict) -> None:
         "val/map_50",
         "val/map_75",
         "val/mar_100",
-        "lr-Adam",
+        "lr-AdamW",
     ]:
         assert tag in tags["scalars"], tag
     assert len(acc.Scalars("val/map_50")) == 2  # one per epoch
@@ -122,7 +122,7 @@ def test_tensorboard_events(tiny_run: dict) -> None:
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hp = start.session_start_info.hparams
     assert hp["anchors"].string_value == "tall_skinny"
-    assert hp["augmentation"].string_value == "safe_crop"
+    assert hp["augmentation"].string_value == "iou_crop"
     assert hp["anchor_ratios"].string_value == "[0.5, 0.33, 0.25]"
     assert hp["lr"].number_value == pytest.approx(1e-3)
     assert hp["batch_size"].number_value == 2

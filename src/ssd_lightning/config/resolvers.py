@@ -63,10 +63,10 @@ def auto_precision(accelerator: Any = "auto") -> str:
     return "bf16-mixed" if on_cpu and cpu_has_native_bf16() else "32-true"
 
 
-def validation_interval(max_epochs: Any, validations: Any = 36) -> int:
+def validation_interval(max_epochs: Any, validations: Any = 32) -> int:
     """Validate about ``validations`` times a run, always in the last epoch: every epoch for runs
     of fewer than 2 x ``validations`` epochs (or without ``max_epochs``), else every d epochs,
-    d the largest divisor of ``max_epochs`` up to ``max_epochs / validations`` (360 epochs, 36:
+    d the largest divisor of ``max_epochs`` up to ``max_epochs / validations`` (320 epochs, 32:
     every 10). A validation costs about a quarter of a training epoch on Penn-Fudan on a CPU."""
     try:
         epochs, wanted = int(max_epochs), int(validations)
