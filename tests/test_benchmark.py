@@ -17,7 +17,8 @@ import torch
 from ssd_lightning.core.loss import MultiBoxLoss
 from ssd_lightning.core.postprocess import PREDICT_DEFAULTS, postprocess
 from ssd_lightning.core.step import forward_with_loss
-from ssd_lightning.tools.benchmark.options import OptionError, parse_options
+from ssd_lightning.tools.benchmark.options import OptionError, Options, parse_options
+from ssd_lightning.tools.benchmark.report import run
 from ssd_lightning.tools.benchmark.steps import build_net, synthetic_batch
 from ssd_lightning.tools.benchmark.torchvision_ssd import build_torchvision_ssd, tv_inputs
 
@@ -152,3 +153,24 @@ def test_command_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:
     fit = result["fit"]
     assert fit["epochs"] == 1 and fit["train_img_per_s"] > 0 and fit["fit/step"] > 0
     assert result["meta"]["device"] == "cpu" and result["meta"]["num_anchors"] > 0
+
+
+def test_data_section_of_a_preset_without_a_gpu_path(tmp_path: Path) -> None:
+    """iou_crop (the default) has no GPU implementation: its CPU pipeline is timed, the GPU
+    path is reported as not timed (it raised NoGpuKernel before)."""
+    opts = Options(
+        sections=["data"],
+        augmentation="iou_crop",
+        data_samples=3,
+        repeats=1,
+        image_size=128,
+        out=str(tmp_path / "bench.json"),
+    )
+    lines: list[str] = []
+    data = run(opts, lines.append)["data"]
+    assert data["cpu_pipeline"]["img_per_s_per_worker"] > 0
+    assert data["without_masks"]["cpu_pipeline"]["img_per_s_per_worker"] > 0
+    assert "gpu_path_cpu_side" not in data and data["gpu_path_pixels"] == {}
+    assert "RandomZoomOut" in data["gpu_path"]
+    table = json.loads((tmp_path / "bench.json").read_text())["table"]
+    assert "5 data, CPU pipeline" in table and "not timed: no GPU implementation" in table

@@ -51,10 +51,12 @@ Sections (img/s = images per second, medians over ``repeats`` of ``steps`` steps
                   ``onnx`` extra also the exported ONNX detector (``python -m
                   ssd_lightning.export``: the same network and thresholds) in onnxruntime on the
                   CPU, fp32, with torch's thread count (skipped with a note without the extra)
-    5 data        the safe_crop training pipeline on the real images, one thread (= one
-                  DataLoader worker): the CPU path (decode cache warm) and the GPU data path's
-                  CPU side (parameters and boxes only), plus the GPU path's batched pixel work
-                  on ``device`` per batch size
+    5 data        a training pipeline on the real images (``augmentation``: safe_crop, the
+                  preset the GPU data path runs; the default recipe's iou_crop has no GPU path),
+                  one thread (= one DataLoader worker): the CPU path (decode cache warm) and the
+                  GPU data path's CPU side (parameters and boxes only), plus the GPU path's
+                  batched pixel work on ``device`` per batch size; for a preset without a GPU
+                  path the CPU path only
     6 fit         a short Lightning fit of the default recipe (trainer=gpu on CUDA, trainer=cpu
                   otherwise; weights none, no logger): steady-state train img/s (epochs after
                   the first, validation excluded) vs section 2 at the same batch size, and the

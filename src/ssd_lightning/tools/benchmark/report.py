@@ -97,6 +97,9 @@ def format_table(result: dict) -> str:
             ("CPU pipeline", "cpu_pipeline"),
             ("GPU path CPU side", "gpu_path_cpu_side"),
         ):
+            if key not in d:  # a preset without a GPU implementation
+                lines.append(f"5 data, {label:26s}{d['gpu_path']} ({d['augmentation']})")
+                continue
             rate = d[key]["img_per_s_per_worker"]
             line = f"5 data, {label:26s}{f(rate)} img/s per worker ({d['augmentation']})"
             if key in bare:  # the same preset without tight boxes: what the masks cost

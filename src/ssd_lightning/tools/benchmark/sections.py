@@ -27,7 +27,7 @@ from ssd_lightning.core.ssd import SSD
 from ssd_lightning.data.batch import plan_collate
 from ssd_lightning.data.dataset import PennFudanDataset
 from ssd_lightning.data.gpu.pixels import GpuAugmenter
-from ssd_lightning.data.gpu.plan import GpuPlanDataset
+from ssd_lightning.data.gpu.plan import GpuPlanDataset, unplannable_steps
 from ssd_lightning.data.presets import build_fallbacks, build_train_transform, needs_masks
 from ssd_lightning.tools.benchmark.options import Options
 from ssd_lightning.tools.benchmark.steps import (
@@ -195,16 +195,19 @@ def _train_set(preset: dict, image_size: int) -> PennFudanDataset:
 def bench_data(opts: Options, device: torch.device, log: Callable) -> dict:
     """Per-worker (one thread) throughput of the CPU pipeline and of the GPU path's CPU side - for
     a preset with ``tight_boxes`` also without them (``without_masks``: what the masks cost), the
-    runs interleaved, median of ``repeats``; the GPU path's pixel work per batch on ``device``."""
+    runs interleaved, median of ``repeats``; the GPU path's pixel work per batch on ``device``.
+    A preset the GPU path cannot run (e.g. iou_crop's zoom-out) times the CPU pipeline only."""
     s, n = opts.image_size, opts.data_samples
     preset = load_option("augmentation", opts.augmentation)
     variants = {"": _train_set(preset, s)}
     if needs_masks(preset):
         variants["without_masks"] = _train_set({**preset, "tight_boxes": None}, s)
+    no_gpu = unplannable_steps(variants[""].transforms)
     runs = {
         (variant, key): ds
         for variant, cpu in variants.items()
         for key, ds in (("cpu_pipeline", cpu), ("gpu_path_cpu_side", GpuPlanDataset(cpu)))
+        if not (no_gpu and key == "gpu_path_cpu_side")
     }
     seconds: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
     with _threads(1):
@@ -226,10 +229,14 @@ def bench_data(opts: Options, device: torch.device, log: Callable) -> dict:
             "samples": n,
         }
         log(f"  data {key:20s} {variant:14s}{rate:9.1f} img/s per worker")
+    res["gpu_path_pixels"] = {}
+    if no_gpu:
+        res["gpu_path"] = f"not timed: no GPU implementation of {', '.join(no_gpu)}"
+        log(f"  data gpu path: {res['gpu_path']}")
+        return res
     cpu = variants[""]
     plan = GpuPlanDataset(cpu)
     aug = GpuAugmenter(cpu)
-    res["gpu_path_pixels"] = {}
     for bs in opts.batch_sizes:
         torch.manual_seed(opts.seed)
         pb = plan_collate([plan[i % len(plan)] for i in range(bs)])
