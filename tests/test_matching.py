@@ -46,13 +46,14 @@ def test_gts_get_a_positive_and_forced_matches_hold(counts, seed):
             continue
         iou = box_iou(boxes[b, :n], ANCHORS_XYXY)
         best = iou.argmax(1)
+        owners = set()
         for g in range(n):
             # forced: a GT's best anchor belongs to it, unless a later GT has the same best anchor
             owner = max(h for h in range(n) if best[h] == best[g])
             assert matched[b, best[g]] == owner
+            owners.add(owner)
         # >= 1 positive for every GT that owns its best anchor; a GT whose best anchor a later
         # GT takes (as in torchvision's SSDMatcher) may be left with none
-        owners = {max(h for h in range(n) if best[h] == best[g]) for g in range(n)}
         positives = set(matched[b][matched[b] >= 0].tolist())
         assert owners <= positives <= set(range(n))
         # every other positive reaches the threshold with the GT it is assigned to
