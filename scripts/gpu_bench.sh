@@ -7,6 +7,11 @@
 # Everything lands in $OUT: benchmark_*.json/.log, recipe_*.log + run dirs, summary.txt.
 # Each step has its own time limit and a failing step does not stop the next one. Expected total:
 # ~6-10 minutes. PYTHON overrides the interpreter (default: .venv/bin/python, else python).
+# To fit a short device lease, pick steps and shrink their limits (seconds). On an H200 (the
+# README's table) a 120-epoch run wrote ~1.35 s per epoch, most of it last.ckpt, before that was
+# written at most once a minute; for a 15-minute lease (start-up and a rerun included), e.g.
+#   STEPS="benchmark recipe_default recipe_gpu_augment" BENCH_LIMIT=180 RECIPE_LIMIT=150 \
+#   RECIPE_ARGS="trainer.max_epochs=100" scripts/gpu_bench.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-outputs/gpu_bench}"
@@ -29,6 +34,9 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 LOADER_ARGS=(data.num_workers=8 data.pin_memory=true data.persistent_workers=true)
 LOADER_LIST=$(IFS=,; echo "${LOADER_ARGS[*]}")
 
+STEPS="${STEPS:-benchmark compile recipe_default recipe_gpu_augment}"
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
+
 step() {  # step <name> <seconds> <command...>: run with a limit, log, and record the wall time
     local name="$1" limit="$2"; shift 2
     local t0 t1 rc
@@ -42,12 +50,12 @@ step() {  # step <name> <seconds> <command...>: run with a limit, log, and recor
 }
 
 # 1. the benchmark: sections 1-6, bs 32 and 128, bf16 autocast, channels_last
-step benchmark_cuda_bf16 420 "$PY" -m ssd_lightning.benchmark device=cuda precision=bf16 \
+wanted benchmark && step benchmark_cuda_bf16 "${BENCH_LIMIT:-420}" "$PY" -m ssd_lightning.benchmark device=cuda precision=bf16 \
     'batch_sizes=[32,128]' steps=20 warmup=10 repeats=5 data_samples=400 fit_epochs=10 \
     "fit_overrides=[${LOADER_LIST}]" out="$OUT/benchmark_cuda_bf16.json"
 
 # 2. the same network under torch.compile (sections 1, 2, 4 only; may fail on a new stack)
-step benchmark_cuda_bf16_compile 300 "$PY" -m ssd_lightning.benchmark device=cuda precision=bf16 \
+wanted compile && step benchmark_cuda_bf16_compile "${COMPILE_LIMIT:-300}" "$PY" -m ssd_lightning.benchmark device=cuda precision=bf16 \
     'batch_sizes=[32,128]' steps=20 warmup=10 repeats=5 compile=true \
     'sections=[bare,step,inference]' out="$OUT/benchmark_cuda_bf16_compile.json"
 
@@ -58,10 +66,10 @@ read -r -a RECIPE_EXTRA <<< "${RECIPE_ARGS:-}"
 #    a) `python -m ssd_lightning.train` (on a GPU: bf16-mixed); its iou_crop augmentation runs on
 #    the CPU data path, here with 8 pinned persistent workers
 #    (overwrite=true: a rerun into the same $OUT starts these runs over)
-step recipe_default 600 "$PY" -m ssd_lightning.train "${LOADER_ARGS[@]}" "${RECIPE_EXTRA[@]}" \
+wanted recipe_default && step recipe_default "${RECIPE_LIMIT:-600}" "$PY" -m ssd_lightning.train "${LOADER_ARGS[@]}" "${RECIPE_EXTRA[@]}" \
     overwrite=true "hydra.run.dir=$OUT/recipe_default"
 #    b) augmentation=safe_crop on the GPU data path (the crops batched on the device)
-step recipe_gpu_augment 600 "$PY" -m ssd_lightning.train augmentation=safe_crop \
+wanted recipe_gpu_augment && step recipe_gpu_augment "${RECIPE_LIMIT:-600}" "$PY" -m ssd_lightning.train augmentation=safe_crop \
     data.gpu_augment=true "${RECIPE_EXTRA[@]}" overwrite=true "hydra.run.dir=$OUT/recipe_gpu_augment"
 
 # 4. one summary file
@@ -74,7 +82,8 @@ for f in sorted(out.glob("benchmark_*.json")):
     print(json.loads(f.read_text())["table"])
     print()
 print("== wall times (start-up included)")
-print((out / "walltimes.txt").read_text())
+if (out / "walltimes.txt").exists():
+    print((out / "walltimes.txt").read_text())
 for d in sorted(out.glob("recipe_*/metrics.json")):
     m = json.loads(d.read_text())
     keys = ("val/map_50", "val/map", "train/loss")

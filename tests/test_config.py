@@ -125,7 +125,7 @@ def test_default_recipe(tmp_path: Path) -> None:
     assert cfg.data.val_size == 50 and cfg.model.loss.neg_ratio == 4
     assert dict(cfg.model.predict) == {"score_threshold": 0.5, "nms_threshold": 0.45, "top_k": 20}
     assert cfg.model.evaluate.score_threshold == 0.01 and cfg.model.evaluate.top_k == 100
-    assert cfg.callbacks.model_checkpoint.monitor == "val/map_50"
+    assert cfg.callbacks.model_checkpoint.monitor == "val/map"
     assert cfg.data.image_size == cfg.model.net.image_size == 300
     assert cfg.model.ema_decay == 0.995
     # the original project had no validation split: the best checkpoint is then by train/loss

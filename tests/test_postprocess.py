@@ -189,9 +189,10 @@ def test_nms_by_groups_of_images_keeps_what_one_nms_keeps(monkeypatch):
     B = 6
     loc, logits = torch.randn(B, N, 4, generator=g) * 0.5, torch.randn(B, N, 2, generator=g) * 3
     sizes = torch.tensor([[300, 400], [500, 200]] * (B // 2))
+    module = importlib.import_module("ssd_lightning.core.postprocess")  # core exports a function
+    monkeypatch.setattr(module, "NMS_MAX_BOXES", 10**9)  # one NMS call
     whole = postprocess(loc, logits, ANCHORS_CXCYWH, sizes, 0.3, 0.45, 500)
     candidates = int((logits.softmax(-1)[..., 1] > 0.3).sum())
-    module = importlib.import_module("ssd_lightning.core.postprocess")  # core exports a function
     monkeypatch.setattr(module, "NMS_MAX_BOXES", candidates // 4)  # ~4 groups
     grouped = postprocess(loc, logits, ANCHORS_CXCYWH, sizes, 0.3, 0.45, 500)
     assert sum(len(d["boxes"]) for d in whole) > 100

@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from _runs import epoch_scalars, start_training, stop, wait_until
@@ -15,6 +16,8 @@ from conftest import make_cfg, run_cli, tiny
 
 from ssd_lightning.config.job_status import read_job_status
 from ssd_lightning.train import train
+from ssd_lightning.training.builders import build
+from ssd_lightning.training.callbacks import LastCheckpoint
 
 BEST = "ssd_resnet34_best.pt"
 EPOCH_TAGS = ("train/loss_epoch", "train/num_pos", "train/accuracy", "train/box_mae")
@@ -169,3 +172,43 @@ def test_a_signal_saves_records_and_exits_nonzero(
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["global_step"] == 6
     assert read_job_status(run)["status"] == "COMPLETED"
+
+
+class _LastCheckpointEpochs(L.Callback):
+    """The epoch stored in last.ckpt when each training epoch after the first starts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.seen = path, []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch > 0:
+            self.seen.append(_state(self.path)["epoch"])
+
+
+@pytest.mark.parametrize(("interval", "seen"), [(0, [0, 1, 2]), (1e6, [0, 0, 0])])
+def test_last_checkpoint_is_rewritten_at_most_every_min_interval(
+    tmp_path: Path, interval: float, seen: list[int]
+) -> None:
+    """last.ckpt after the first epoch, then only once min_interval_s has passed since the last
+    write, and always after the last epoch (a write costs as much as a GPU epoch)."""
+    cfg = make_cfg(
+        tiny(
+            "data.val_size=0",
+            "~callbacks.prediction_images",
+            "~callbacks.augmentation_preview",
+            trainer__max_epochs=4,
+            trainer__limit_train_batches=1,
+            callbacks__last_checkpoint__min_interval_s=interval,
+        ),
+        tmp_path / "run",
+    )
+    spy = _LastCheckpointEpochs(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    module, datamodule, trainer = build(cfg, extra_callbacks=[spy])
+    trainer.fit(module, datamodule=datamodule)
+    assert spy.seen == seen
+    assert _state(spy.path)["epoch"] == 3  # the last epoch is always written
+
+
+def test_last_checkpoint_interval_is_checked() -> None:
+    with pytest.raises(ValueError, match="min_interval_s=-1.*numbers >= 0"):
+        LastCheckpoint("unused", min_interval_s=-1)

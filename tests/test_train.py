@@ -79,14 +79,14 @@ def test_run_dir_contents(tiny_run: dict) -> None:
     assert (run / "config_resolved.yaml").is_file()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     saved = json.loads((run / "metrics.json").read_text())
-    assert saved["global_step"] == 4 and saved["best_monitor"] == "val/map_50"
+    assert saved["global_step"] == 4 and saved["best_monitor"] == "val/map"
     assert saved["status"] == "completed" and saved["tags"] == ["tiny", "ci"]
     _finite(saved, "train/loss", "val/loss", "val/map", "val/map_50", "val/map_75", "val/mar_100")
     # the exported best model loads without Lightning and records where it comes from
     best = run / "ssd_resnet34_best.pt"
     assert saved["best_model_path"] == str(best)
     net, info = load_model(best)
-    assert info["epoch"] == saved["best_epoch"] and info["monitor"] == "val/map_50"
+    assert info["epoch"] == saved["best_epoch"] and info["monitor"] == "val/map"
     assert net.image_size == 128 and net.config["anchors"]["name"] == "tall_skinny"
 
 

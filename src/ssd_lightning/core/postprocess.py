@@ -54,10 +54,13 @@ def check_thresholds(thresholds: Mapping[str, Any], key: str) -> dict[str, Any]:
     return dict(thresholds)
 
 
-# One NMS call takes at most this many boxes in eager mode: torchvision's kernel keeps an n x n
-# bit mask (n**2 / 8 bytes: 0.5 GB here) and its CUDA kernel fails above ~393k boxes, which an
-# untrained model at a large batch reaches (~3,600 candidates per image at predict's threshold).
-NMS_MAX_BOXES = 65_536
+# One NMS call takes at most this many boxes in eager mode (whole images per call, so this only
+# bounds the calls of a batch with many candidates, e.g. an untrained model's ~3,900 per image).
+# NMS costs n**2 (torchvision's kernel fills an n x n bit mask, which its CUDA version copies to
+# the host and fails on above ~393k boxes): 4,096 boxes per call ran a 16-image batch of an
+# untrained model 11x faster than 65,536 on the CPU, and a trained model's batch of 128 (a few
+# dozen candidates per image) still takes one call.
+NMS_MAX_BOXES = 4_096
 
 
 def _nms_by_images(shifted: Tensor, ranks: Tensor, img: Tensor, B: int, thr: float) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from ssd_lightning.config.atomic import atomic_write
-from ssd_lightning.tools.benchmark import sections
+from ssd_lightning.tools.benchmark import data_section, fit_section, sections
 from ssd_lightning.tools.benchmark.options import Options, parse_options
 from ssd_lightning.tools.benchmark.steps import build_net
 
@@ -147,10 +147,10 @@ def run(opts: Options, log: Callable[[str], None] = print) -> dict:
             result["train"][str(bs)] = sections.bench_training(opts, device, bs, log, onnx)
             save()
     if "data" in opts.sections:
-        result["data"] = sections.bench_data(opts, device, log)
+        result["data"] = data_section.bench_data(opts, device, log)
         save()
     if "fit" in opts.sections:
-        result["fit"] = sections.bench_fit(opts, device, log)
+        result["fit"] = fit_section.bench_fit(opts, device, log)
         step = result["train"].get(str(opts.fit_batch_size), {}).get("step")
         result["fit"]["fit/step"] = (
             result["fit"]["train_img_per_s"] / step["img_per_s"]

@@ -1,34 +1,20 @@
-"""The benchmark's sections: the training steps, inference, the data pipeline, a Lightning fit.
-Each works on one network and one synthetic batch (the data section on the real images)."""
+"""The benchmark's model sections: the training steps (bare, the project's, torchvision's) and
+inference (forward, ``SSD.detect``, torchvision, onnxruntime), on one network and one synthetic
+batch. The data pipeline and the Lightning fit have their own modules."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import shutil
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig
 from torch import nn
 
-from ssd_lightning.config.compose import compose
-from ssd_lightning.config.paths import data_dir, load_option
 from ssd_lightning.core.loss import MultiBoxLoss
 from ssd_lightning.core.postprocess import PREDICT_DEFAULTS, postprocess
 from ssd_lightning.core.ssd import SSD
-from ssd_lightning.data.batch import plan_collate
-from ssd_lightning.data.dataset import PennFudanDataset
-from ssd_lightning.data.gpu.pixels import GpuAugmenter
-from ssd_lightning.data.gpu.plan import GpuPlanDataset, unplannable_steps
-from ssd_lightning.data.presets import build_fallbacks, build_train_transform, needs_masks
 from ssd_lightning.tools.benchmark.options import Options
 from ssd_lightning.tools.benchmark.steps import (
     autocast,
@@ -38,11 +24,10 @@ from ssd_lightning.tools.benchmark.steps import (
     make_tv_step,
     synthetic_batch,
 )
-from ssd_lightning.tools.benchmark.timing import ratio, sync, sync_sites, time_fn, time_fns
+from ssd_lightning.tools.benchmark.timing import ratio, sync_sites, time_fns
 from ssd_lightning.tools.benchmark.torchvision_ssd import build_torchvision_ssd, tv_inputs
 from ssd_lightning.tools.onnx_export import export_onnx
 from ssd_lightning.tools.onnx_runtime import DETECTOR
-from ssd_lightning.training.builders import build
 
 
 def onnx_detector(opts: Options, log: Callable) -> tuple[Any, str]:
@@ -167,167 +152,4 @@ def bench_inference(
     for k in fns:
         log(f"  bs {bs} infer {k:12s} {res[k]['img_per_s']:9.1f} img/s")
     ssd.train()
-    return res
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _train_set(preset: dict, image_size: int) -> PennFudanDataset:
-    ds = PennFudanDataset(
-        data_dir() / "PennFudanPed",
-        transforms=build_train_transform(preset, image_size),
-        fallbacks=build_fallbacks(preset, image_size),
-        skip_empty=True,
-        with_masks=needs_masks(preset),
-    )
-    ds.preload()
-    return ds
-
-
-def bench_data(opts: Options, device: torch.device, log: Callable) -> dict:
-    """Per-worker (one thread) throughput of the CPU pipeline and of the GPU path's CPU side - for
-    a preset with ``tight_boxes`` also without them (``without_masks``: what the masks cost), the
-    runs interleaved, median of ``repeats``; the GPU path's pixel work per batch on ``device``.
-    A preset the GPU path cannot run (e.g. iou_crop's zoom-out) times the CPU pipeline only."""
-    s, n = opts.image_size, opts.data_samples
-    preset = load_option("augmentation", opts.augmentation)
-    variants = {"": _train_set(preset, s)}
-    if needs_masks(preset):
-        variants["without_masks"] = _train_set({**preset, "tight_boxes": None}, s)
-    no_gpu = unplannable_steps(variants[""].transforms)
-    runs: dict[tuple[str, str], Any] = {}
-    for variant, cpu in variants.items():
-        runs[(variant, "cpu_pipeline")] = cpu
-        if not no_gpu:
-            runs[(variant, "gpu_path_cpu_side")] = GpuPlanDataset(cpu)
-    seconds: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
-    with _threads(1):
-        for ds in runs.values():
-            for i in range(min(10, n)):  # warm the code paths
-                ds[i % len(ds)]
-        for _ in range(opts.repeats):  # interleaved, so drifting load hits every run alike
-            for k, ds in runs.items():
-                torch.manual_seed(opts.seed)
-                t0 = time.perf_counter()
-                for i in range(n):
-                    ds[i % len(ds)]
-                seconds[k].append(time.perf_counter() - t0)
-    res: dict[str, Any] = {"augmentation": opts.augmentation, "images": len(variants[""])}
-    for (variant, key), times in seconds.items():
-        rate = n / statistics.median(times)
-        (res.setdefault(variant, {}) if variant else res)[key] = {
-            "img_per_s_per_worker": rate,
-            "samples": n,
-        }
-        log(f"  data {key:20s} {variant:14s}{rate:9.1f} img/s per worker")
-    res["gpu_path_pixels"] = {}
-    if no_gpu:
-        res["gpu_path"] = f"not timed: no GPU implementation of {', '.join(no_gpu)}"
-        log(f"  data gpu path: {res['gpu_path']}")
-        return res
-    cpu = variants[""]
-    plan = GpuPlanDataset(cpu)
-    aug = GpuAugmenter(cpu)
-    for bs in opts.batch_sizes:
-        torch.manual_seed(opts.seed)
-        pb = plan_collate([plan[i % len(plan)] for i in range(bs)])
-        pb = pb.to(device)
-        aug(pb)  # builds the device store once
-        r = time_fn(lambda pb=pb: aug(pb), bs, device, opts.steps, opts.warmup, opts.repeats)
-        res["gpu_path_pixels"][str(bs)] = r
-        log(f"  data gpu path pixels bs {bs:<4d} {r['img_per_s']:9.1f} img/s on {device.type}")
-    return res
-
-
-def _compose_fit_cfg(opts: Options, out_dir: Path) -> tuple[DictConfig, list[str]]:
-    cuda = opts.device == "cuda"
-    overrides = [
-        f"trainer={'gpu' if cuda else 'cpu'}",
-        f"trainer.precision={'bf16-mixed' if opts.precision == 'bf16' else '32-true'}",
-        "logger=none",
-        "model.net.weights=none",
-        f"model.net.image_size={opts.image_size}",
-        f"data.batch_size={opts.fit_batch_size}",
-        f"trainer.max_epochs={opts.fit_epochs}",
-        f"trainer.limit_train_batches={'null' if opts.fit_batches is None else opts.fit_batches}",
-        "trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false",
-        f"seed={opts.seed}",
-    ]
-    if not cuda:
-        overrides += [
-            "data.num_workers=0",
-            "trainer.limit_val_batches=1",
-            "trainer.num_sanity_val_steps=0",
-        ]
-    overrides += list(opts.fit_overrides)
-    return compose("train", overrides, output_dir=str(out_dir), job_name="benchmark"), overrides
-
-
-def bench_fit(opts: Options, device: torch.device, log: Callable) -> dict:
-    """A short Lightning fit of the default recipe, built as ``ssd_lightning.train`` builds it
-    (plus a timing callback, without a logger)."""
-
-    class FitTimer(Callback):
-        def __init__(self) -> None:
-            self.epochs: list[tuple[float, int]] = []  # (train seconds, images) per epoch
-            self.val_s: list[float] = []
-
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            sync(device)
-            self.t0, self.n = time.perf_counter(), 0
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.n += len(batch)
-            if batch_idx + 1 == trainer.num_training_batches:  # sync once per epoch only
-                sync(device)
-                self.epochs.append((time.perf_counter() - self.t0, self.n))
-
-        def on_validation_epoch_start(self, trainer, pl_module) -> None:
-            sync(device)
-            self.v0 = time.perf_counter()
-
-        def on_validation_epoch_end(self, trainer, pl_module) -> None:
-            sync(device)
-            self.val_s.append(time.perf_counter() - self.v0)
-
-    out_dir = Path(tempfile.mkdtemp(prefix="ssd_bench_fit_"))
-    try:
-        t_start = time.perf_counter()
-        cfg, overrides = _compose_fit_cfg(opts, out_dir)
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        timer = FitTimer()
-        module, datamodule, trainer = build(cfg, extra_callbacks=[timer])
-        t_fit = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule)
-        sync(device)
-        t_end = time.perf_counter()
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
-    steady = timer.epochs[1:] or timer.epochs
-    secs = sum(t for t, _ in steady)
-    imgs = sum(n for _, n in steady)
-    res = {
-        "overrides": overrides,
-        "batch_size": opts.fit_batch_size,
-        "epochs": len(timer.epochs),
-        "train_img_per_s": imgs / secs if secs > 0 else None,
-        "first_epoch_s": timer.epochs[0][0] if timer.epochs else None,
-        "train_s_per_epoch": [round(t, 3) for t, _ in timer.epochs],
-        "val_s_per_epoch": [round(t, 3) for t in timer.val_s],
-        "fit_wall_s": t_end - t_fit,
-        "total_wall_s": t_end - t_start,
-    }
-    log(
-        f"  fit: {res['train_img_per_s'] or 0:9.1f} train img/s (steady), "
-        f"fit {res['fit_wall_s']:.1f} s, total {res['total_wall_s']:.1f} s"
-    )
     return res
