@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from omegaconf import DictConfig
 
@@ -54,6 +55,10 @@ def build(
 ) -> tuple[SSDLitModule, L.LightningDataModule, L.Trainer]:
     """Validate ``cfg`` and build (module, datamodule, trainer)."""
     validate_config(cfg)
+    if torch.cuda.is_available():
+        # fp32 matmuls outside autocast on TF32 tensor cores, as cuDNN's convolutions already
+        # are (Lightning warns at every GPU run without it)
+        torch.set_float32_matmul_precision("high")
     datamodule = instantiate_checked(cfg.data, "data")  # cheap: data mistakes fail first
     module = instantiate_checked(cfg.model, "model", run_info=run_info(cfg))
     loggers = build_loggers(cfg)
