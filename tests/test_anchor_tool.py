@@ -40,6 +40,7 @@ def test_report_follows_overrides(train_boxes):
         tool.compose(
             "train",
             [
+                "anchors=tall_skinny",  # the default's pennfudan_fitted lists explicit pairs
                 "anchors.ratios=[0.3]",
                 "anchors.extra_square=false",
                 "anchors.scales=[0.1,0.2,0.375,0.55,0.725,0.9]",
@@ -107,3 +108,17 @@ def test_fit_keeps_the_presets_clipping(train_boxes):
     anchors = generate_anchors(tool.feature_sizes(300), anchor_pairs(cfg.anchors), clip=False)
     expected = tool.coverage(train_boxes, box_convert(anchors, "cxcywh", "xyxy"))
     assert result["before"] == expected  # scored as the preset it starts from is built
+
+
+def test_the_default_preset_is_what_fit_writes(train_boxes):
+    """conf/anchors/pennfudan_fitted.yaml (the default) is `anchors fit --name pennfudan_fitted
+    anchors=tall_skinny` on the committed training split, to the digit: the fit is seeded."""
+    from ssd_lightning.config.paths import load_option
+
+    result = tool.fit(
+        tool.compose("train", ["anchors=tall_skinny"]), "pennfudan_fitted", gt=train_boxes
+    )
+    assert result["improved"] and result["started_from"] == "tall_skinny"
+    committed = load_option("anchors", "pennfudan_fitted")
+    assert result["preset"]["pairs"] == committed["pairs"]
+    assert result["preset"]["clip"] == committed["clip"]

@@ -98,3 +98,12 @@ def test_wrong_number_of_maps_names_both_counts():
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ValueError, match="available: .*tall_skinny"):
         load_option("anchors", "no_such_preset")
+
+
+def test_a_pairs_preset_refuses_scales_or_ratios():
+    """The default preset lists (scale, ratio) pairs: a ratios override cannot apply to it, and
+    the message says which preset to start from instead of silently ignoring it."""
+    preset = dict(load_option("anchors", "pennfudan_fitted"))
+    assert anchor_pairs(preset) == anchor_pairs({**preset, "ratios": None, "scales": None})
+    with pytest.raises(ValueError, match="anchors.ratios .*explicit `pairs`.*anchors=tall_skinny"):
+        anchor_pairs({**preset, "ratios": [0.5]})

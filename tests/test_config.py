@@ -121,7 +121,7 @@ def test_default_recipe(tmp_path: Path) -> None:
     assert cfg.optimizer._target_ == "torch.optim.AdamW" and cfg.optimizer.weight_decay == 0.05
     assert cfg.scheduler._target_ == "ssd_lightning.training.schedules.warmup_cosine"
     assert cfg.model.optimizer == cfg.optimizer and cfg.model.scheduler == cfg.scheduler
-    assert cfg.anchors.name == "tall_skinny" and cfg.augmentation.name == "iou_crop"
+    assert cfg.anchors.name == "pennfudan_fitted" and cfg.augmentation.name == "iou_crop"
     assert cfg.data.val_size == 50 and cfg.model.loss.neg_ratio == 4
     assert dict(cfg.model.predict) == {"score_threshold": 0.5, "nms_threshold": 0.45, "top_k": 20}
     assert cfg.model.evaluate.score_threshold == 0.01 and cfg.model.evaluate.top_k == 100
@@ -140,6 +140,7 @@ def test_default_recipe(tmp_path: Path) -> None:
     assert previous.optimizer._target_ == "torch.optim.Adam"
     assert previous.optimizer.weight_decay == 0
     assert previous.augmentation.name == "safe_crop" and previous.trainer.max_epochs == 360
+    assert previous.anchors.name == "tall_skinny"
     assert previous.trainer.check_val_every_n_epoch == 10 and previous.model.ema_decay == 0.995
 
 
@@ -189,10 +190,10 @@ def test_clipping_a_fused_optimizer_in_mixed_precision_is_refused(tmp_path: Path
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("anchors.ratios=[0.5,-1.0]", "anchors.ratios"),
-        ("anchors.ratios=[0.5,0.0]", "> 0"),
-        ("anchors.scales=[0.1,0.2,0.4,0.6]", "6"),
-        ("anchors.ratios=[[0.5],[0.5]]", "anchors.ratios"),
+        ("anchors=tall_skinny anchors.ratios=[0.5,-1.0]", "anchors.ratios"),
+        ("anchors=tall_skinny anchors.ratios=[0.5,0.0]", "> 0"),
+        ("anchors=tall_skinny anchors.scales=[0.1,0.2,0.4,0.6]", "6"),
+        ("anchors=tall_skinny anchors.ratios=[[0.5],[0.5]]", "anchors.ratios"),
         ("model.net.head_kernel_size=2", "1 or 3"),
         ("model.net.weights=/no/such/file.pth", "auto | imagenet | none"),
         ("model.net.num_classes=1", "model.net.num_classes"),
@@ -215,7 +216,8 @@ def test_clipping_a_fused_optimizer_in_mixed_precision_is_refused(tmp_path: Path
 def test_bad_values_are_named(override: str, expected: str, tmp_path: Path) -> None:
     """Whichever check catches it (a constructor or the cross-field validation), a bad value
     stops the build with a ConfigError naming the key, before anything is trained."""
-    cfg = make_cfg(["model.net.weights=none", "data.preload=false", override], tmp_path / "run")
+    overrides = ["model.net.weights=none", "data.preload=false", *override.split()]  # "a=1 b=2"
+    cfg = make_cfg(overrides, tmp_path / "run")
     with pytest.raises(ConfigError) as err:
         build(cfg)
     assert expected in str(err.value)

@@ -56,7 +56,12 @@ def test_debug_preset_is_debug_for_this_package_and_lightning_only(tmp_path: Pat
 
 
 def test_a_config_error_is_printed_once(tmp_path: Path) -> None:
-    r = run_cli("ssd_lightning.train", "anchors.ratios=[0.5,-1.0]", f"hydra.run.dir={tmp_path}")
+    r = run_cli(
+        "ssd_lightning.train",
+        "anchors=tall_skinny",
+        "anchors.ratios=[0.5,-1.0]",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert r.returncode == 2
     out = r.stdout + r.stderr
     assert out.count("every value must be a finite number > 0") == 1, out

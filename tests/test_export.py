@@ -117,7 +117,10 @@ def test_network_graph_and_description(exported: dict) -> None:
     for key in ("image_size", "thresholds", "class_names", "anchors", "normalization"):
         assert meta[key] == sidecar[key], key
     assert sidecar["image_size"] == 128 and sidecar["class_names"] == ["background", "pedestrian"]
-    assert sidecar["anchors"]["name"] == "tall_skinny" and sidecar["thresholds"] == info["predict"]
+    assert (
+        sidecar["anchors"]["name"] == "pennfudan_fitted"
+        and sidecar["thresholds"] == info["predict"]
+    )
     assert sidecar["parity"]["ok"] and sidecar["parity"]["detector"]["detections"] > 0
     assert sidecar["postprocess"] == "tiny_postprocess.onnx"
     images, _ = _batch(128, IMAGES[:2])

@@ -87,7 +87,7 @@ def test_run_dir_contents(tiny_run: dict) -> None:
     assert saved["best_model_path"] == str(best)
     net, info = load_model(best)
     assert info["epoch"] == saved["best_epoch"] and info["monitor"] == "val/map"
-    assert net.image_size == 128 and net.config["anchors"]["name"] == "tall_skinny"
+    assert net.image_size == 128 and net.config["anchors"]["name"] == "pennfudan_fitted"
 
 
 def test_tensorboard_events(tiny_run: dict) -> None:
@@ -121,9 +121,9 @@ def test_tensorboard_events(tiny_run: dict) -> None:
     content = acc.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     hp = start.session_start_info.hparams
-    assert hp["anchors"].string_value == "tall_skinny"
+    assert hp["anchors"].string_value == "pennfudan_fitted"
     assert hp["augmentation"].string_value == "iou_crop"
-    assert hp["anchor_ratios"].string_value == "[0.5, 0.33, 0.25]"
+    assert hp["anchor_ratios"].string_value == "pairs"
     assert hp["lr"].number_value == pytest.approx(1e-3)
     assert hp["batch_size"].number_value == 2
     assert hp["backbone_weights"].string_value.startswith("none")

@@ -37,6 +37,13 @@ def anchor_pairs(cfg: Mapping) -> AnchorPairs:
     """Expand an anchor preset into per-map (scale, ratio) pairs, validating it on the way."""
     name = cfg.get("name", "?")
     if cfg.get("pairs") is not None:
+        compact = [k for k in ("scales", "ratios") if cfg.get(k) is not None]
+        if compact:
+            raise ValueError(
+                f"anchors.{compact[0]} (preset {name}): this preset lists explicit `pairs`, so "
+                "scales and ratios do not apply; start from a scales + ratios preset instead, "
+                "e.g. anchors=tall_skinny anchors.ratios=[0.5,0.33]"
+            )
         pairs = [[(float(s), float(r)) for s, r in level] for level in cfg["pairs"]]
         for m, level in enumerate(pairs):
             if not level:

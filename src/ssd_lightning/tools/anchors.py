@@ -214,8 +214,11 @@ def write_preset(result: dict, directory: Path, force: bool = False) -> Path:
         f"# smallest clusters on the finest map. Best possible recall {b['bpr']:.1%} -> "
         f"{a['bpr']:.1%}, mean best IoU {b['best_iou_mean']:.3f} -> {a['best_iou_mean']:.3f}.\n"
     )
+    # scales / ratios present but null: an override of either reaches the preset's check (which
+    # explains that pairs exclude them) instead of Hydra's "not in struct"
+    body = {**preset, "scales": None, "ratios": None}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(header + yaml.safe_dump(preset, default_flow_style=None, sort_keys=False))
+    path.write_text(header + yaml.safe_dump(body, default_flow_style=None, sort_keys=False))
     return path
 
 

@@ -26,6 +26,14 @@ EVAL_METRICS_FILE = "eval_metrics.json"  # test_after_fit: what `ssd_lightning.e
 HPARAM_METRICS = ("val/map_50", "val/map", "train/loss_epoch")
 
 
+def _compact(anchors: Any, key: str) -> str:
+    """A scales + ratios preset's ``key`` as text; "pairs" for a preset that lists its pairs."""
+    value = anchors.get(key) if anchors else None
+    if value is None:
+        return "pairs"
+    return str(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+
+
 def _choices() -> dict[str, Any]:
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
@@ -51,12 +59,8 @@ def run_info(cfg: DictConfig) -> dict[str, Any]:
     target = str(sel(cfg, "model.optimizer._target_", default="?"))
     info = {
         "anchors": sel(cfg, "anchors.name") or choices.get("anchors", "?"),
-        "anchor_ratios": str(
-            OmegaConf.to_container(anchors.ratios) if "ratios" in anchors else "pairs"
-        ),
-        "anchor_scales": str(
-            OmegaConf.to_container(anchors.scales) if "scales" in anchors else "pairs"
-        ),
+        "anchor_ratios": _compact(anchors, "ratios"),
+        "anchor_scales": _compact(anchors, "scales"),
         "extra_square": bool(anchors.get("extra_square", True)),
         "augmentation": choices.get("augmentation") or sel(cfg, "augmentation.name") or "?",
         "optimizer": target.rsplit(".", 1)[-1],
