@@ -172,13 +172,21 @@ def _check_checkpoint(cfg: DictConfig, path: Path, key: str) -> None:
     if CKPT_KEY not in blob or "state_dict" not in blob:
         raise CheckpointError(f"{key}={path}: not a checkpoint written by ssd_lightning training")
     wanted = OmegaConf.to_container(cfg.model.net, resolve=True)
-    differences = architecture_differences(net_config(blob, path), wanted)
+    saved = net_config(blob, path)
+    differences = architecture_differences(saved, wanted)
     if differences:
+        # a default that changed since the run (the anchors did) is not in its overrides
+        name = (saved.get("anchors") or {}).get("name")
+        again = (
+            f"; a default changed since the run needs its value again, here anchors={name}"
+            if name and name != (wanted.get("anchors") or {}).get("name")
+            else ""
+        )
         raise CheckpointError(
             f"{key}={path}: the checkpoint's network is not the one this config builds:\n  - "
             + "\n  - ".join(differences)
-            + "\nResume with the run's own settings (resume=<run dir> reuses them) or start a "
-            "new run."
+            + f"\nResume with the run's own settings (resume=<run dir> reuses them{again}) or "
+            "start a new run."
         )
 
 
