@@ -7,7 +7,7 @@ import torch
 from torchvision.ops import box_convert
 
 from ssd_lightning.config import ConfigError
-from ssd_lightning.config.paths import config_dir
+from ssd_lightning.config.paths import config_dir, load_option
 from ssd_lightning.core.anchors import anchor_pairs, generate_anchors
 from ssd_lightning.tools import anchors as tool
 
@@ -113,8 +113,6 @@ def test_fit_keeps_the_presets_clipping(train_boxes):
 def test_the_default_preset_is_what_fit_writes(train_boxes):
     """conf/anchors/pennfudan_fitted.yaml (the default) is `anchors fit --name pennfudan_fitted
     anchors=tall_skinny` on the committed training split, to the digit: the fit is seeded."""
-    from ssd_lightning.config.paths import load_option
-
     result = tool.fit(
         tool.compose("train", ["anchors=tall_skinny"]), "pennfudan_fitted", gt=train_boxes
     )
