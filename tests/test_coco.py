@@ -373,6 +373,55 @@ def test_boxes_outside_or_without_size_are_clipped_or_dropped_and_counted(tmp_pa
     assert ann.images[0].boxes.tolist() == [[160, 180, 300, 430], [500, 400, 559, 536]]
 
 
+def test_polygons_of_fewer_than_3_points_are_ignored_and_counted(tmp_path, caplog):
+    # labelling tools export mis-clicks as 1- or 2-point polygons: no area, not a broken file
+    blob = _small()
+    a = blob["annotations"][0]
+    good = [160, 180, 300, 180, 300, 430]
+    blob["annotations"] += [
+        dict(a, id=11, segmentation=[[170, 190, 200, 220]]),  # 2 points: the box instead
+        dict(a, id=12, segmentation=[good, [5, 5]]),  # the rest of the segmentation stays
+        dict(a, id=13, segmentation=[[]], iscrowd="0"),  # "0" is no crowd
+    ]
+    path = _write(tmp_path, blob)
+    with caplog.at_level(logging.WARNING, logger="ssd_lightning.data.coco"):
+        ann = read_coco(path, IMAGES)
+    assert ann.images[0].segmentations == [None, None, [good], None]
+    assert not ann.images[0].crowd.any()
+    assert f"{path}: 3 polygon(s) of fewer than 3 points ignored" in caplog.text
+    blob["annotations"][1]["segmentation"] = [[*good, 7]]  # odd: broken, not degenerate
+    with pytest.raises(CocoFormatError, match=r"annotations\[1\] \(id 11\): 'segmentation'"):
+        read_coco(_write(tmp_path, blob), IMAGES)
+
+
+def test_an_unreadable_image_of_an_entry_without_a_size_is_named_with_the_entry(tmp_path):
+    (tmp_path / "broken.jpg").write_text("not an image")
+    blob = _small()
+    blob["images"][0] = {"id": 1, "file_name": "broken.jpg"}  # its size read from the file
+    path = _write(tmp_path, blob)
+    with pytest.raises(CocoFormatError, match=r"images\[0\] \(id 1\): cannot read image file"):
+        read_coco(path, tmp_path)
+
+
+def test_a_val_file_of_other_category_ids_is_matched_by_name(tmp_path, caplog):
+    blob = _small()
+    blob["categories"].append({"id": 8, "name": "bike"})
+    blob["annotations"].append(dict(blob["annotations"][0], id=11, category_id=8))
+    train = read_coco(_write(tmp_path, blob, "train.json"), IMAGES)
+    assert train.class_names == ["background", "person", "bike"]
+    # another export of the same classes: other ids, another order
+    blob["categories"] = [{"id": 1, "name": "bike"}, {"id": 2, "name": "person"}]
+    blob["annotations"][0]["category_id"], blob["annotations"][1]["category_id"] = 2, 1
+    with caplog.at_level(logging.WARNING, logger="ssd_lightning.data.coco"):
+        val = read_coco(_write(tmp_path, blob, "val.json"), IMAGES, train)
+    assert val.images[0].labels.tolist() == [1, 2] and val.class_names == train.class_names
+    assert "by name (id here -> there): bike 1 -> 8, person 2 -> 5" in caplog.text
+    blob["categories"].append({"id": 3, "name": "car"})  # a class training never saw
+    blob["annotations"][1]["category_id"] = 3
+    with pytest.raises(CocoFormatError, match=r"category_id 3 \(car\) is not a class of .*train"):
+        read_coco(_write(tmp_path, blob, "val.json"), IMAGES, train)
+
+
 def test_an_image_of_another_size_than_its_entry_is_named(tmp_path):
     blob = _small()
     blob["images"][0]["height"] = 500

@@ -33,7 +33,7 @@ from torchvision import tv_tensors
 
 from ssd_lightning.data.dataset import DatasetReadError, DetectionDataset, Transform, load_image
 from ssd_lightning.data.mask_runs import MaskRuns, mask_runs
-from ssd_lightning.data.segmentation import segmentation_mask
+from ssd_lightning.data.segmentation import checked_segmentation, segmentation_mask
 
 log = logging.getLogger(__name__)
 
@@ -129,25 +129,26 @@ def categories(blob: dict, path: Path) -> tuple[list[int], list[str]]:
 def read_coco(
     path: str | Path,
     images_dir: str | Path,
-    category_ids: Sequence[int] | None = None,
+    reference: CocoAnnotations | None = None,
     key: str = "data.train_json",
 ) -> CocoAnnotations:
     """Read and check a COCO detection file whose ``file_name`` entries lie under ``images_dir``.
 
-    category_ids: the label order of another file (the training file) that this one must follow;
-    None = this file's own categories. Boxes partly outside their image are clipped, boxes with
-    no area left (or a non-positive width / height) dropped; both are counted in one log line.
+    reference: the training file, whose classes (labels and names) this one must follow
+    (``match_categories``); None = this file's own categories. Boxes partly outside their image
+    are clipped, boxes with no area left (or a non-positive width / height) dropped; both are
+    counted in one log line.
     """
     path, images_dir = Path(path).expanduser(), Path(images_dir).expanduser()
     blob = load_coco_json(path, key)
     own_ids, own_names = categories(blob, path)
-    if category_ids is None:
+    if reference is None:
         ids, names = own_ids, own_names
+        label_of = {c: k for k, c in enumerate(ids, start=1)}
     else:
-        ids = list(category_ids)
-        by_id = dict(zip(own_ids, own_names, strict=True))
-        names = [by_id.get(c, str(c)) for c in ids]
-    label_of = {c: k for k, c in enumerate(ids, start=1)}
+        ids, names = reference.category_ids, reference.class_names[1:]
+        label_of = match_categories(own_ids, own_names, reference, path)
+    own_name = dict(zip(own_ids, own_names, strict=True))
     if not images_dir.is_dir():
         raise CocoFormatError(f"data.images_dir={images_dir}: no such folder")
 
@@ -172,14 +173,13 @@ def read_coco(
             raise _fail(path, f"images[{i}] (id {iid}): image file {file} not found")
         h, w = _get(im, "height"), _get(im, "width")
         if not (_int(h) and _int(w) and h > 0 and w > 0):
-            with Image.open(file) as pil:  # header only: no pixel decode
-                w, h = pil.size
+            w, h = _header_size(file, path, f"images[{i}] (id {iid})")
         entries[iid], position[iid] = {"file_name": name, "height": h, "width": w}, i
     if not entries:
         raise _fail(path, "an empty dataset: the 'images' list is empty")
 
     per_image: dict[int, list[tuple]] = {iid: [] for iid in entries}
-    clipped = dropped = 0
+    clipped = dropped = degenerate = 0
     has_seg = False
     for i, a in enumerate(blob["annotations"]):
         iid, cid, bbox = _get(a, "image_id"), _get(a, "category_id"), _get(a, "bbox")
@@ -187,7 +187,13 @@ def read_coco(
         if iid not in entries:
             raise _fail(path, f"{where}: image_id {iid!r} is not the id of any image")
         if cid not in label_of:
-            shown = ", ".join(map(str, ids[:20])) + (" ..." if len(ids) > 20 else "")
+            if cid in own_name:  # a category of this file that the training file lacks
+                raise _fail(
+                    path,
+                    f"{where}: category_id {cid} ({own_name[cid]}) is not a class of "
+                    f"{reference.path if reference else path} (its classes: {', '.join(names)})",
+                )
+            shown = ", ".join(map(str, own_ids[:20])) + (" ..." if len(own_ids) > 20 else "")
             raise _fail(path, f"{where}: unknown category_id {cid!r} (the categories are {shown})")
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
             raise _fail(
@@ -200,11 +206,14 @@ def read_coco(
             dropped += 1
             continue
         clipped += box != [x, y, x + bw, y + bh]
-        seg = _get(a, "segmentation") or None
-        if seg is not None:
-            _check_segmentation(seg, path, where)
-            has_seg = True
-        per_image[iid].append((box, label_of[cid], bool(_get(a, "iscrowd")), _get(a, "id"), seg))
+        try:
+            seg, left_out = checked_segmentation(_get(a, "segmentation") or None)
+        except ValueError as e:
+            raise _fail(path, f"{where}: {e}") from None
+        degenerate += left_out
+        has_seg |= seg is not None
+        crowd = _get(a, "iscrowd") in (1, True, "1")  # "0" is no crowd, as 0 is
+        per_image[iid].append((box, label_of[cid], crowd, _get(a, "id"), seg))
     if clipped or dropped:
         log.warning(
             "%s: %d box(es) clipped to their image, %d dropped (non-positive size or outside "
@@ -212,6 +221,13 @@ def read_coco(
             path,
             clipped,
             dropped,
+        )
+    if degenerate:
+        log.warning(
+            "%s: %d polygon(s) of fewer than 3 points ignored (their annotations keep the rest of "
+            "their segmentation, or their box)",
+            path,
+            degenerate,
         )
 
     images = []
@@ -235,25 +251,52 @@ def read_coco(
     )
 
 
-def _check_segmentation(seg: Any, path: Path, where: str) -> None:
-    ok = (
-        isinstance(seg, list)
-        and all(
-            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(map(_number, p))
-            for p in seg
-        )
-    ) or (
-        isinstance(seg, dict)
-        and isinstance(seg.get("size"), list)
-        and len(seg["size"]) == 2
-        and isinstance(seg.get("counts"), list | str)
-    )
-    if not ok:
-        raise _fail(
+def _header_size(file: Path, path: Path, where: str) -> tuple[int, int]:
+    """(width, height) of an image file from its header (no pixel decode), for an entry without
+    them; an unreadable file is named with the entry."""
+    try:
+        with Image.open(file) as pil:
+            return pil.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _fail(path, f"{where}: cannot read image file {file} ({e})") from e
+
+
+def match_categories(
+    ids: Sequence[int], names: Sequence[str], reference: CocoAnnotations, path: Path
+) -> dict[int, int]:
+    """The training file's label of each of this file's category ids: by name (the names travel
+    with the model, and a separate export of the same classes may number them otherwise), else
+    by id for a category renamed here; a category found neither way gets none (its annotations
+    are refused, by name). Both kinds of match that differ from the ids are logged."""
+    ref_names = reference.class_names[1:]
+    by_name = {n: k for k, n in enumerate(ref_names, start=1) if ref_names.count(n) == 1}
+    by_id = {c: k for k, c in enumerate(reference.category_ids, start=1)}
+    label_of = {c: by_name[n] for c, n in zip(ids, names, strict=True) if n in by_name}
+    taken = set(label_of.values())
+    for c, n in zip(ids, names, strict=True):
+        if c not in label_of and c in by_id and by_id[c] not in taken:
+            label_of[c] = by_id[c]
+            log.warning(
+                "%s: category id %s is %r here but %r in %s; matched by id",
+                path,
+                c,
+                n,
+                ref_names[by_id[c] - 1],
+                reference.path,
+            )
+    moved = [
+        f"{n} {c} -> {reference.category_ids[label_of[c] - 1]}"
+        for c, n in zip(ids, names, strict=True)
+        if c in label_of and reference.category_ids[label_of[c] - 1] != c
+    ]
+    if moved:
+        log.warning(
+            "%s: categories matched to %s's by name (id here -> there): %s",
             path,
-            f"{where}: 'segmentation' must be polygons [[x1, y1, x2, y2, x3, y3, ...], ...] or "
-            "RLE {'size': [h, w], 'counts': [...] or '<compressed>'}",
+            reference.path,
+            ", ".join(moved),
         )
+    return label_of
 
 
 def instance_masks(entry: CocoImage, keep: Tensor, source: Path) -> Tensor:

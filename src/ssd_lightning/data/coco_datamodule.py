@@ -77,15 +77,7 @@ class CocoDataModule(DetectionDataModule):
         self.train_ann: CocoAnnotations = read_coco(self.train_json, self.root)
         self.val_ann: CocoAnnotations | None = None
         if self.val_json is not None:
-            self.val_ann = read_coco(
-                self.val_json, self.root, self.train_ann.category_ids, key="data.val_json"
-            )
-            if self.val_ann.class_names != self.train_ann.class_names:
-                warnings.warn(
-                    f"{self.val_json}: category names differ from {self.train_json}; the "
-                    "training file's names are used",
-                    stacklevel=2,
-                )
+            self.val_ann = read_coco(self.val_json, self.root, self.train_ann, key="data.val_json")
         self._check_num_classes(num_classes, self.class_names, str(self.train_json))
         self._split: dict[str, Any] | None = None
 

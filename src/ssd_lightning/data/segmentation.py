@@ -96,6 +96,33 @@ def _filled_box(box: Tensor, h: int, w: int) -> np.ndarray:
     return mask
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def checked_segmentation(seg: Any) -> tuple[Any, int]:
+    """(an annotation's ``segmentation`` without its polygons of fewer than 3 points, how many
+    were left out): they cover no area, and pycocotools would read a 4-number one as a box. None
+    when nothing is left. A ValueError for anything that is neither polygons nor RLE."""
+    if seg is None:
+        return None, 0
+    if isinstance(seg, list) and all(isinstance(p, list) and all(map(_number, p)) for p in seg):
+        polygons = [p for p in seg if len(p) >= 6]
+        if all(len(p) % 2 == 0 for p in polygons):
+            return polygons or None, len(seg) - len(polygons)
+    elif (
+        isinstance(seg, dict)
+        and isinstance(seg.get("size"), list)
+        and len(seg["size"]) == 2
+        and isinstance(seg.get("counts"), list | str)
+    ):
+        return seg, 0
+    raise ValueError(
+        "'segmentation' must be polygons [[x1, y1, x2, y2, x3, y3, ...], ...] or "
+        "RLE {'size': [h, w], 'counts': [...] or '<compressed>'}"
+    )
+
+
 def segmentation_mask(seg: Any, box: Tensor, h: int, w: int) -> np.ndarray:
     """One annotation's (H, W) bool mask: its segmentation (polygons or RLE) where it covers a
     pixel, else its ``box`` (4,) xyxy pixel edges, filled. A ValueError names what is wrong."""
