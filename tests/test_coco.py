@@ -512,3 +512,18 @@ def test_cli_missing_coco_file_is_one_message(tmp_path):
     assert r.returncode == 2, r.stderr
     last = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1]
     assert last.startswith("Data error:") and "nope.json: no such file" in last
+
+
+def test_convert_cli_bad_root_or_split_is_one_message(tmp_path):
+    split = {"val_size": 1, "order": ["x.png", "y.png"], "val": ["x.png"]}  # no Penn-Fudan image
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    for args, message in [
+        (["--root", str(tmp_path)], f"--root {tmp_path}: no Penn-Fudan images"),
+        (["--split", str(tmp_path / "nope.json")], "nope.json: no such file"),
+        (["--split", str(tmp_path / "split.json")], "2 image(s) not under"),
+    ]:
+        r = run_cli("ssd_lightning.data.convert", *args, "--out", str(tmp_path / "out"))
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        last = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1]
+        assert last.startswith("Data error:") and message in last, last
+    assert not (tmp_path / "out").exists()

@@ -22,12 +22,17 @@ from pathlib import Path
 from PIL import Image
 
 from ssd_lightning.config.paths import data_dir
-from ssd_lightning.data.dataset import CLASS_NAMES, PEDESTRIAN, _instance_masks, load_instances
+from ssd_lightning.data.dataset import (
+    CLASS_NAMES,
+    PEDESTRIAN,
+    DatasetReadError,
+    _instance_masks,
+    load_instances,
+)
 from ssd_lightning.data.manifest import (
     IMAGE_DIR,
     MASK_DIR,
     list_image_names,
-    load_json,
     mask_name,
     split_names,
 )
@@ -82,12 +87,26 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = ap.parse_args(argv)
     root = args.root or data_dir() / "PennFudanPed"
     out = args.out or data_dir() / "pennfudan_coco"
-    out.mkdir(parents=True, exist_ok=True)
+    every = list_image_names(root)
+    if not every:
+        raise DatasetReadError(
+            f"--root {root}: no Penn-Fudan images (*.png) under {root / IMAGE_DIR}"
+        )
     if args.split == "none":
-        parts = {"all": list_image_names(root)}
+        parts = {"all": every}
     else:
-        train, val = split_names(load_json(args.split or data_dir() / "pennfudan_split.json"))
+        split = args.split or data_dir() / "pennfudan_split.json"
+        if not Path(split).is_file():
+            raise DatasetReadError(f"--split {split}: no such file (a split file, or 'none')")
+        train, val = split_names(split)  # a broken file is named
         parts = {"train": train, "val": val}
+        unknown = sorted(set(train + val) - set(every))
+        if unknown:
+            raise DatasetReadError(
+                f"--split {split}: {len(unknown)} image(s) not under {root / IMAGE_DIR}, e.g. "
+                f"{unknown[0]}"
+            )
+    out.mkdir(parents=True, exist_ok=True)
     written = []
     for part, names in parts.items():
         path = out / f"{part}.json"
@@ -98,4 +117,6 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    from ssd_lightning.config.cli import run_tool  # a mistake: one message, exit status 2
+
+    run_tool(main)
