@@ -77,6 +77,19 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
     assert torch.equal(image, read_rgb(png))  # one reader for the dataset and predict
 
 
+def test_a_dark_16_bit_image_stays_dark(tmp_path: Path) -> None:
+    """A 16-bit picture whose values all stay below 256 is nearly black, not an 8-bit one; a
+    float image of [0, 1] is scaled from 1.0."""
+    dark = tmp_path / "dark.png"
+    Image.fromarray(np.arange(0, 250, dtype=np.uint16).reshape(10, 25)).save(dark)
+    assert Image.open(dark).mode == "I;16"
+    assert read_rgb(dark).max() <= 1
+    unit = tmp_path / "unit.tif"
+    Image.fromarray(np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10)).save(unit)
+    image = read_rgb(unit)
+    assert image.min() == 0 and image.max() == 255
+
+
 def test_a_mask_of_another_size_is_refused(tmp_path: Path) -> None:
     root = _copy_root(tmp_path / "root", NAMES[:1])
     mask = root / "PedMasks" / mask_name(NAMES[0])

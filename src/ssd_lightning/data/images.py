@@ -1,7 +1,8 @@
 """Image files -> uint8 RGB tensors: the one reader of photos, for the dataset and for predict.
 
 Any mode PIL opens becomes (3, H, W) uint8 RGB: grayscale, palette and CMYK are converted;
-16-bit and float grayscale are scaled to 0..255 (PIL's own ``convert`` would clip them to white);
+16-bit and float grayscale are scaled to 0..255 from their full scale (65535; a float image of
+[0, 1] from 1.0; PIL's own ``convert`` would clip them to white);
 transparent areas become white (not whatever colour hides under alpha 0); the EXIF orientation
 is applied, as phones store it. Unreadable files, and images over PIL's decompression-bomb limit,
 raise ``InputError`` naming the file.
@@ -24,11 +25,23 @@ class InputError(ValueError):
     """A missing or unreadable input; the message names it."""
 
 
+def _full_scale(mode: str, arr: np.ndarray) -> float:
+    """The value that is white in a high-bit image: 65535 in a 16-bit one (also a dark picture
+    whose values all stay below 256); 1.0 in a float image of [0, 1]; else guessed from the data
+    (mode I also holds 8-bit data)."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    top = float(arr.max()) if arr.size else 0.0
+    if mode == "F" and top <= 1.0:
+        return 1.0
+    return 65535.0 if top > 255 else 255.0
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in _HIGH_BIT_MODES:
         arr = np.asarray(im, dtype=np.float32)
-        top = 65535.0 if arr.max() > 255 else 255.0
-        im = Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8))
+        scale = 255.0 / _full_scale(im.mode, arr)
+        im = Image.fromarray((arr * scale).clip(0, 255).round().astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
