@@ -212,3 +212,17 @@ def test_last_checkpoint_is_rewritten_at_most_every_min_interval(
 def test_last_checkpoint_interval_is_checked() -> None:
     with pytest.raises(ValueError, match="min_interval_s=-1.*numbers >= 0"):
         LastCheckpoint("unused", min_interval_s=-1)
+
+
+def test_resuming_a_finished_run_keeps_its_metrics(tmp_path: Path) -> None:
+    """resume= of a run that already reached trainer.max_epochs trains nothing more; its
+    metrics.json still holds the run's final metrics (they come from the checkpoint when no epoch
+    logged them in this process: also the last validation's, in a run that validates every n
+    epochs and was resumed after it)."""
+    run = tmp_path / "run"
+    first = train(make_cfg(tiny(), run))
+    again = train(make_cfg(tiny(f"resume={run}"), run))
+    assert again["status"] == "completed" and again["global_step"] == first["global_step"]
+    for k in ("train/loss", "val/map", "val/loss"):
+        assert again[k] == first[k], k
+    assert json.loads((run / "metrics.json").read_text())["val/map"] == first["val/map"]

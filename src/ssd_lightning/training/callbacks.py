@@ -309,7 +309,7 @@ class BestModel(Callback):
         if trainer.is_global_zero:
             self._export(trainer, pl_module, f"best {self.monitor} (epoch {self.best_epoch})")
         if self.checkpoint is not None:  # a collective call: every rank takes part
-            trainer.save_checkpoint(self.checkpoint)
+            trainer.save_checkpoint(self.checkpoint, weights_only=False)
 
     def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, source: str) -> None:
         export_model(
@@ -409,5 +409,7 @@ class LastCheckpoint(ModelCheckpoint):
         stopped_by_signal = isinstance(exception, SIGTERMException)
         if stopped_by_signal and not (trainer.sanity_checking or trainer.validating):
             path = self.format_checkpoint_name({})
-            trainer.save_checkpoint(path)  # every rank got the exception at the same batch
+            # every rank got the exception at the same batch; the whole state (weights_only=False:
+            # also quiets Lightning's log line about the default)
+            trainer.save_checkpoint(path, weights_only=False)
             log.info("stopped by a signal: the state reached is saved in %s", path)

@@ -145,6 +145,9 @@ class SSDLitModule(L.LightningModule):
         self._buffers_before: list[Tensor] | None = None
         self.last_map: dict[str, float] = {}  # every scalar of the last mAP computation
         self.last_map_per_class: dict[str, float] = {}  # class name -> AP (several classes)
+        # the scalar metrics logged before the checkpoint a run resumed from: a resumed fit
+        # that logs nothing (already finished) or does not validate again still reports them
+        self.restored_metrics: dict[str, float] = {}
 
     def setup(self, stage: str) -> None:
         names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
@@ -444,6 +447,11 @@ class SSDLitModule(L.LightningModule):
             "loss": self.criterion.config,
             "nonfinite_total": self.nonfinite_total,
             "class_names": list(self.class_names),
+            "metrics": {  # the logged scalars so far (a host sync per save)
+                k: float(v)
+                for k, v in self.trainer.callback_metrics.items()
+                if isinstance(v, Tensor) and v.numel() == 1
+            },
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -463,5 +471,6 @@ class SSDLitModule(L.LightningModule):
                 del state[k]
         self.nonfinite_total = int(checkpoint.get(CKPT_KEY, {}).get("nonfinite_total", 0))
         self.class_names = list(checkpoint.get(CKPT_KEY, {}).get("class_names") or self.class_names)
+        self.restored_metrics = dict(checkpoint.get(CKPT_KEY, {}).get("metrics") or {})
         self._nonfinite_total = torch.tensor(float(self.nonfinite_total))
         self._nonfinite_streak = torch.zeros(())

@@ -105,8 +105,11 @@ def log_hparams_tensorboard(trainer: L.Trainer, params: Mapping[str, Any]) -> No
 
 
 def collect_metrics(trainer: L.Trainer) -> dict[str, Any]:
-    """The final scalar metrics of a fit, plus epoch/step and the best checkpoint."""
-    out: dict[str, Any] = {}
+    """The final scalar metrics of a fit, plus epoch/step and the best checkpoint. A resumed fit
+    starts from those logged before its checkpoint: a run resumed after its last epoch, or after
+    its last validation, reports what the run did, as the uninterrupted run would."""
+    module = trainer.lightning_module
+    out: dict[str, Any] = dict(getattr(module, "restored_metrics", None) or {})
     for k, v in sorted(trainer.callback_metrics.items()):
         if (isinstance(v, Tensor) and v.numel() == 1) or isinstance(v, int | float):
             out[k] = float(v)
@@ -118,7 +121,6 @@ def collect_metrics(trainer: L.Trainer) -> dict[str, Any]:
         out["best_monitor"] = best.monitor
         out["best_model_score"] = best.best_score
         out["best_epoch"] = best.best_epoch
-    module = trainer.lightning_module
     if module is not None and hasattr(module, "nonfinite_total"):
         out["nonfinite_steps_skipped"] = int(module.nonfinite_total)
     return out
