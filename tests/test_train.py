@@ -318,7 +318,12 @@ def _synthetic_loader(n: int = 4) -> DataLoader:
     return DataLoader(_synthetic_batches(n), batch_size=None)
 
 
-def _fit_with_nan(nan_calls: set[int], max_nonfinite_steps: int = 10, fused: bool = True):
+def _fit_with_nan(
+    nan_calls: set[int],
+    max_nonfinite_steps: int = 10,
+    fused: bool = True,
+    ema_decay: float | None = None,
+):
     import lightning as L
 
     from ssd_lightning.training.lit_module import SSDLitModule
@@ -339,6 +344,7 @@ def _fit_with_nan(nan_calls: set[int], max_nonfinite_steps: int = 10, fused: boo
         _NaNLoss(nan_calls),
         max_nonfinite_steps=max_nonfinite_steps,
         optimizer=lambda params: torch.optim.Adam(params, fused=fused),
+        ema_decay=ema_decay,
     )
     before = {k: v.clone() for k, v in net.state_dict().items()}
     trainer = L.Trainer(
@@ -386,6 +392,28 @@ def test_a_skipped_step_leaves_no_trace(fused: bool, where: str) -> None:
     _assert_same_state(module.net, reference.net.state_dict())
     module, before = fit({0, 1, 2, 3}, good)  # every step bad: the initial network
     _assert_same_state(module.net, before)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-no-sync", "sync"])
+def test_a_skipped_step_leaves_the_moving_average_alone(fused: bool) -> None:
+    """With model.ema_decay (the default recipe) the average of the weights is part of the
+    trained state too: a skipped step does not move it."""
+    import lightning as L
+
+    module, _, trainer = _fit_with_nan({1}, fused=fused, ema_decay=0.9)
+    seen: list[dict[str, torch.Tensor]] = []
+
+    class Spy(L.Callback):  # the whole state when a batch starts: the previous one is done
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            seen.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    trainer.callbacks.append(Spy())
+    trainer.fit(module, train_dataloaders=_synthetic_loader(3))
+    assert module.nonfinite_total == 1
+    before, after = seen[1], seen[2]  # the state around the skipped step (the second)
+    assert any(k.startswith("ema.net.") for k in after)
+    for k, v in after.items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-no-sync", "sync"])

@@ -39,9 +39,10 @@ class EMA(nn.Module):
         self.net = copy.deepcopy(net).requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, net: nn.Module, step: int) -> None:
+    def update(self, net: nn.Module, step: int, skipped: Tensor | None = None) -> None:
         """Move the average towards ``net`` (same architecture) after optimizer step ``step``.
-        A handful of fused kernels, no host sync."""
+        A handful of fused kernels, no host sync. ``skipped``: () float on the device, 1.0 when
+        the step was skipped (non-finite): the average then stays as it was, like the weights."""
         state = net.state_dict()
         floats: tuple[list[Tensor], list[Tensor]] = ([], [])
         ints: tuple[list[Tensor], list[Tensor]] = ([], [])
@@ -49,6 +50,12 @@ class EMA(nn.Module):
             pair = floats if v.is_floating_point() else ints
             pair[0].append(v)
             pair[1].append(state[k])
-        torch._foreach_lerp_(*floats, 1.0 - ema_decay_at(self.decay, step))
+        weight = 1.0 - ema_decay_at(self.decay, step)
+        if skipped is None:
+            torch._foreach_lerp_(*floats, weight)
+        else:  # avg += w (net - avg), w = 0 on a skipped step: decided on the device
+            diffs = torch._foreach_sub(floats[1], floats[0])
+            torch._foreach_mul_(diffs, (1.0 - skipped) * weight)
+            torch._foreach_add_(floats[0], diffs)
         if ints[0]:
             torch._foreach_copy_(*ints)

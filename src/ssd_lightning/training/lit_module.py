@@ -93,6 +93,9 @@ class SSDLitModule(L.LightningModule):
         self.net = net
         self.ema = EMA(net, ema_decay) if ema_decay is not None else None
         self._ema_step = 0  # the optimizer step the average was last updated after
+        # () float on the device, 1.0 when this optimizer step is skipped (None: known good):
+        # the average skips it too (on_train_batch_end)
+        self._step_bad: Tensor | None = None
         self.criterion = loss if loss is not None else MultiBoxLoss()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -230,6 +233,7 @@ class SSDLitModule(L.LightningModule):
         norms = torch._foreach_norm(grads) if grads else [torch.zeros((), device=self.device)]
         bad = (~torch.isfinite(torch.stack(norms).sum())).float()
         optimizer.found_inf = bad
+        self._step_bad = bad
         self._restore_buffers(bad)
         self._count_nonfinite(bad)
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
@@ -267,8 +271,10 @@ class SSDLitModule(L.LightningModule):
             self._check_nonfinite()
             if bad.item():
                 self._restore_buffers(bad)  # not before a backward: it saved the statistics
+                self._step_bad = bad  # the last batch of a step decides whether it is taken
                 return None  # Lightning skips backward and the optimizer step
             self._buffers_before = None
+            self._step_bad = None
         # the progress bar reads it (a host sync) at its refresh rate, log_every_n_steps by default
         self.log(
             "train/loss",
@@ -295,11 +301,12 @@ class SSDLitModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # after each optimizer step (not each batch when gradients are accumulated); a skipped
-        # non-finite step left the weights as they were, so averaging them again is harmless
+        # non-finite step leaves the average as it was, like the weights and buffers
         step = self.trainer.global_step
         if self.ema is not None and step > self._ema_step:
-            self.ema.update(self.net, step)
+            self.ema.update(self.net, step, skipped=self._step_bad)
             self._ema_step = step
+            self._step_bad = None
 
     # ---------------------------------------------------------------------------------------------
     def _targets(self, batch: Any) -> list[dict[str, Tensor]]:
