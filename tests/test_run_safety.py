@@ -20,7 +20,7 @@ from conftest import ROOT, make_cfg, run_cli, tiny
 from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.config.job_status import read_job_status
 from ssd_lightning.train import train
-from ssd_lightning.training.checkpoint import CheckpointError
+from ssd_lightning.training.checkpoint import CheckpointError, read_checkpoint
 from ssd_lightning.training.checkpoint_io import RunCheckpointIO
 from ssd_lightning.training.resume import start_checkpoint
 
@@ -248,3 +248,13 @@ def test_summarize_marks_interrupted_jobs(tmp_path: Path) -> None:
     jobs = sort_jobs(find_jobs(tmp_path), "val/map_50")
     assert [(j.name, j.status) for j in jobs] == [("1", OK), ("0", INTERRUPTED)]
     assert jobs[1].note.startswith("SIGTERM at epoch 3")
+
+
+def test_a_file_that_is_no_checkpoint_is_not_blamed_on_mmap(tmp_path: Path) -> None:
+    """The resume check reads with mmap, which only zip archives allow: a text file saved as
+    last.ckpt is reported as unreadable, not as something to re-save with a torch.save option."""
+    garbage = tmp_path / "last.ckpt"
+    garbage.write_text("not a checkpoint\n")
+    with pytest.raises(CheckpointError, match="cannot read it as a PyTorch checkpoint") as e:
+        read_checkpoint(garbage, key="resume", mmap=True)
+    assert "mmap" not in str(e.value) and "\n" not in str(e.value)

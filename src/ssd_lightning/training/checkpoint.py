@@ -18,6 +18,7 @@ is refused. This module imports no Lightning (``predict`` uses it on the exporte
 from __future__ import annotations
 
 import inspect
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ def read_checkpoint(
             f"{key}={path}: no such file (a Lightning .ckpt from <run>/checkpoints/ or an "
             "exported ssd_resnet34_best.pt)"
         )
+    # mmap reads zip archives only; of any other file torch's complaint would be about mmap
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or unsafe: one clear message
