@@ -170,3 +170,17 @@ def test_best_sorts_as_its_monitor(tmp_path: Path) -> None:
         jobs = find_jobs(root)
         metric, ascending = sort_order(jobs, "best", None)
         assert [j.name for j in sort_jobs(jobs, metric, ascending)] == ["1", "0"], monitor
+
+
+def test_broken_job_files_are_a_failed_job_not_a_crash(tmp_path: Path) -> None:
+    """A job whose metrics.json is valid JSON but no object, or whose job_status.json is not
+    even UTF-8 (a killed write, a stray file), is listed as failed with the reason."""
+    for name, metrics in (("0", "[1, 2]"), ("1", '{"val/map": 0.5}')):
+        job = tmp_path / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text("- anchors=ssd\n")
+        (job / "metrics.json").write_text(metrics)
+        (job / "job_status.json").write_bytes(b"\x00\xff")
+    jobs = {j.name: j for j in find_jobs(tmp_path)}
+    assert jobs["0"].status == FAILED and "not an object" in jobs["0"].note
+    assert jobs["1"].status == OK

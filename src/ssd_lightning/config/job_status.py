@@ -27,9 +27,10 @@ JOB_STATUS_FILE = "job_status.json"
 def read_job_status(job_dir: Path) -> dict[str, Any]:
     """The job's ``job_status.json`` as a dict ({} when missing or unreadable)."""
     try:
-        return json.loads((Path(job_dir) / JOB_STATUS_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        status = json.loads((Path(job_dir) / JOB_STATUS_FILE).read_text())
+    except (OSError, ValueError):  # ValueError: bad JSON or not UTF-8 (a killed write, a typo)
         return {}
+    return status if isinstance(status, dict) else {}
 
 
 def write_job_status(

@@ -78,7 +78,7 @@ def _read_overrides(job_dir: Path) -> dict[str, str]:
     path = job_dir / ".hydra" / "overrides.yaml"
     try:
         items = yaml.safe_load(path.read_text()) or []
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8
         return {"<overrides>": f"unreadable: {e}"}
     out = {}
     for item in items:
@@ -158,8 +158,11 @@ def find_jobs(multirun_dir: str | Path) -> list[Job]:
         if metrics_path.is_file():
             try:
                 raw = json.loads(metrics_path.read_text())
+                if not isinstance(raw, dict):
+                    raise ValueError(f"a JSON {type(raw).__name__}, not an object")
                 job.metrics = {k: v for k, v in raw.items() if not isinstance(v, dict | list)}
-            except (OSError, json.JSONDecodeError) as e:
+            except (OSError, ValueError) as e:  # ValueError: bad JSON, not UTF-8, not an object
+                raw = {}
                 job.status, job.note = FAILED, f"unreadable metrics.json: {e}"
         else:
             job.status = FAILED
@@ -284,7 +287,7 @@ def _job_config(job: Job, name: str, key: str) -> Any:
     """A value of the job's composed config (``.hydra/config.yaml`` or ``hydra.yaml``)."""
     try:
         node = yaml.safe_load((job.path / ".hydra" / name).read_text()) or {}
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, yaml.YAMLError):
         return None
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
