@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ssd_lightning.training.checkpoint import load_model, net_state, read_checkpoint
-from ssd_lightning.training.ema import EMA, ema_decay_at
+from ssd_lightning.training.ema import EMA, ema_decay_at, masked_lerp_
 
 
 def _small_net() -> nn.Module:
@@ -61,6 +61,20 @@ def test_a_constant_network_is_its_own_average() -> None:
         ema.update(net, step)
     for k, v in ema.net.state_dict().items():
         torch.testing.assert_close(v, net.state_dict()[k], rtol=0, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("skipped", [0.0, 1.0])
+def test_the_device_update_is_a_lerp_or_nothing(skipped: float) -> None:
+    """The GPU's update (the skip folded into the arithmetic) against a lerp / no change."""
+    gen = torch.Generator().manual_seed(0)
+    avg = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    new = [torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)]
+    expected = [a.clone() for a in avg]
+    if not skipped:
+        torch._foreach_lerp_(expected, new, 0.25)
+    masked_lerp_(avg, new, 0.25, torch.tensor(skipped))
+    for a, e in zip(avg, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=0 if skipped else 1e-6, atol=0 if skipped else 1e-7)
 
 
 @pytest.mark.parametrize("decay", [0.0, 1.0, -0.5, 1.5, "0.9"])

@@ -53,9 +53,18 @@ class EMA(nn.Module):
         weight = 1.0 - ema_decay_at(self.decay, step)
         if skipped is None:
             torch._foreach_lerp_(*floats, weight)
-        else:  # avg += w (net - avg), w = 0 on a skipped step: decided on the device
-            diffs = torch._foreach_sub(floats[1], floats[0])
-            torch._foreach_mul_(diffs, (1.0 - skipped) * weight)
-            torch._foreach_add_(floats[0], diffs)
+        elif skipped.device.type == "cpu":  # reading the flag costs nothing here: one lerp
+            torch._foreach_lerp_(*floats, weight * (1.0 - float(skipped)))
+        else:
+            masked_lerp_(*floats, weight, skipped)
         if ints[0]:
             torch._foreach_copy_(*ints)
+
+
+def masked_lerp_(avg: list[Tensor], new: list[Tensor], weight: float, skipped: Tensor) -> None:
+    """``avg += weight (new - avg)`` in place, or nothing where ``skipped`` (() float, 1.0 or 0.0,
+    on the device) is 1: decided by the arithmetic, without reading the flag on the host (a sync
+    on a GPU), at the price of two more kernels than a lerp."""
+    diffs = torch._foreach_sub(new, avg)
+    torch._foreach_mul_(diffs, (1.0 - skipped) * weight)
+    torch._foreach_add_(avg, diffs)
