@@ -20,6 +20,7 @@ from torch import Tensor
 from ssd_lightning.config.atomic import atomic_write
 from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.data.dataset import CLASS_NAMES
+from ssd_lightning.training import epoch_sums
 from ssd_lightning.training.checkpoint import export_model
 from ssd_lightning.visualize import (
     figure_to_png,
@@ -386,8 +387,12 @@ class LastCheckpoint(ModelCheckpoint):
         )
         self.min_interval_s = float(min_interval_s)
         self._saved_at: float | None = None  # time.monotonic() of this process's last write
+        self._stopping = False  # saving the state a signal stopped the run at
+        # the running sums of the epoch a signal stopped, until the resumed epoch logs again
+        self._epoch_sums: dict[str, dict[str, Tensor]] = {}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_sums = {}  # sums the stopped epoch never logged again end with it
         due = self._saved_at is None or time.monotonic() - self._saved_at >= self.min_interval_s
         # every rank must take the same branch: a save is a collective (a barrier under DDP)
         if trainer.strategy.broadcast(due or _last_epoch(trainer), src=0):
@@ -403,6 +408,25 @@ class LastCheckpoint(ModelCheckpoint):
         if state_dict.get("dirpath") == self.dirpath:
             super().load_state_dict(state_dict)
 
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # stopped in the middle of an epoch: its averages so far go along (see epoch_sums)
+        if self._stopping:
+            checkpoint[epoch_sums.CKPT_KEY] = epoch_sums.epoch_sums(trainer)
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._epoch_sums = epoch_sums.restored(checkpoint)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, i)
+        if self._epoch_sums:
+            epoch_sums.fold_in(trainer, self._epoch_sums)
+
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
@@ -411,5 +435,9 @@ class LastCheckpoint(ModelCheckpoint):
             path = self.format_checkpoint_name({})
             # every rank got the exception at the same batch; the whole state (weights_only=False:
             # also quiets Lightning's log line about the default)
-            trainer.save_checkpoint(path, weights_only=False)
+            self._stopping = True
+            try:
+                trainer.save_checkpoint(path, weights_only=False)
+            finally:
+                self._stopping = False
             log.info("stopped by a signal: the state reached is saved in %s", path)
