@@ -18,8 +18,9 @@ from torchvision.ops import box_iou
 
 from ssd_lightning.config.paths import load_option
 from ssd_lightning.data.batch import collate_fn
-from ssd_lightning.data.coco import CocoDataset, CocoFormatError, read_coco
+from ssd_lightning.data.coco import CocoFormatError, read_coco
 from ssd_lightning.data.coco_datamodule import CocoDataModule
+from ssd_lightning.data.coco_dataset import CocoDataset
 from ssd_lightning.data.convert import pennfudan_to_coco
 from ssd_lightning.data.dataset import PennFudanDataset
 from ssd_lightning.data.gpu.plan import GpuPlanDataset
@@ -412,7 +413,7 @@ def test_a_val_file_of_other_category_ids_is_matched_by_name(tmp_path, caplog):
     # another export of the same classes: other ids, another order
     blob["categories"] = [{"id": 1, "name": "bike"}, {"id": 2, "name": "person"}]
     blob["annotations"][0]["category_id"], blob["annotations"][1]["category_id"] = 2, 1
-    with caplog.at_level(logging.WARNING, logger="ssd_lightning.data.coco"):
+    with caplog.at_level(logging.WARNING, logger="ssd_lightning.data.coco_categories"):
         val = read_coco(_write(tmp_path, blob, "val.json"), IMAGES, train)
     assert val.images[0].labels.tolist() == [1, 2] and val.class_names == train.class_names
     assert "by name (id here -> there): bike 1 -> 8, person 2 -> 5" in caplog.text

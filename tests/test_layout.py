@@ -25,7 +25,6 @@ LONG_FILES = {
     "training/lit_module.py",
     "tools/summarize.py",
     "training/callbacks.py",
-    "data/coco.py",
 }
 
 
@@ -45,3 +44,11 @@ def test_files_stay_short_or_are_named_in_developers_md() -> None:
     assert not unexplained, f"split them, or say why in DEVELOPERS.md: {unexplained}"
     for name in LONG_FILES:
         assert f"`{name}`" in developers
+
+
+def test_the_long_files_named_are_long() -> None:
+    # a file split since stays off the list, so the list (and DEVELOPERS.md) says what is long
+    short = {
+        name for name in LONG_FILES if len((PACKAGE / name).read_text().splitlines()) <= MAX_LINES
+    }
+    assert not short, f"no longer over {MAX_LINES} lines: take them off LONG_FILES: {short}"

@@ -1,17 +1,13 @@
-"""COCO-format detection data: the annotation file's reader (``read_coco``: every check names
-the file and the entry), the instance masks of an image's annotations (``instance_masks``; the
-decoding is ``data.segmentation``'s), and ``CocoDataset`` (a ``DetectionDataset`` over one
-annotation file's images).
+"""COCO annotation files: ``read_coco`` reads and checks one (every check names the file and the
+entry) into ``CocoAnnotations``, the images with their boxes, labels and segmentations; the
+classes are ``data.coco_categories``'s, the dataset over the images ``data.coco_dataset``'s.
 
 Boxes: COCO ``bbox`` is ``[x, y, width, height]`` in pixels of the image as annotated (a photo's
 EXIF orientation applied, as labelling tools display it, unless only the stored pixels have the
 entry's width and height); here they become xyxy pixel edges (the package's format), clipped to
 the image. Category ids of any value map to the contiguous labels 1..K in ascending id order
-(0 = background); ``class_names[label]`` is the category's name. ``iscrowd`` annotations are
-left out of training and kept, flagged, for the evaluation (COCO's rule: a detection on a crowd
-region is neither a hit nor a false positive).
-Segmentations (polygons or RLE) become the instance masks of the mask-tight boxes, as Penn-Fudan's
-mask files do (``mask_runs.MaskRuns``); an annotation without one gets its box, filled.
+(0 = background); ``class_names[label]`` is the category's name. Segmentations (polygons or RLE)
+are checked here and decoded on use (``data.segmentation``).
 """
 
 from __future__ import annotations
@@ -19,8 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision import tv_tensors
 
-from ssd_lightning.data.dataset import DatasetReadError, DetectionDataset, Transform, load_image
-from ssd_lightning.data.mask_runs import MaskRuns, mask_runs
-from ssd_lightning.data.segmentation import checked_segmentation, segmentation_mask
+from ssd_lightning.data.coco_categories import categories, match_categories
+from ssd_lightning.data.dataset import DatasetReadError
+from ssd_lightning.data.segmentation import checked_segmentation
 
 log = logging.getLogger(__name__)
 
@@ -110,20 +103,13 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
 
 
-def categories(blob: dict, path: Path) -> tuple[list[int], list[str]]:
-    """(ids ascending, names) of a COCO file's ``categories``; label k = ids[k - 1]."""
-    found: dict[int, str] = {}
-    for i, c in enumerate(blob["categories"]):
-        cid, name = _get(c, "id"), _get(c, "name")
-        if not _int(cid) or not isinstance(name, str) or not name:
-            raise _fail(path, f"categories[{i}]: needs an integer 'id' and a non-empty 'name'")
-        if cid in found:
-            raise _fail(path, f"categories[{i}]: duplicate category id {cid}")
-        found[cid] = name
-    if not found:
-        raise _fail(path, "no categories (the 'categories' list is empty)")
-    ids = sorted(found)
-    return ids, [found[c] for c in ids]
+def file_categories(blob: dict, path: Path) -> tuple[list[int], list[str]]:
+    """(ids ascending, names) of a COCO file's ``categories`` (``coco_categories.categories``);
+    a bad entry raises ``CocoFormatError`` naming the file and the entry."""
+    try:
+        return categories(blob["categories"])
+    except ValueError as e:
+        raise _fail(path, str(e)) from None
 
 
 def read_coco(
@@ -141,13 +127,13 @@ def read_coco(
     """
     path, images_dir = Path(path).expanduser(), Path(images_dir).expanduser()
     blob = load_coco_json(path, key)
-    own_ids, own_names = categories(blob, path)
+    own_ids, own_names = file_categories(blob, path)
     if reference is None:
         ids, names = own_ids, own_names
         label_of = {c: k for k, c in enumerate(ids, start=1)}
     else:
         ids, names = reference.category_ids, reference.class_names[1:]
-        label_of = match_categories(own_ids, own_names, reference, path)
+        label_of = match_categories(own_ids, own_names, ids, names, path, reference.path)
     own_name = dict(zip(own_ids, own_names, strict=True))
     if not images_dir.is_dir():
         raise CocoFormatError(f"data.images_dir={images_dir}: no such folder")
@@ -261,155 +247,9 @@ def _header_size(file: Path, path: Path, where: str) -> tuple[int, int]:
         raise _fail(path, f"{where}: cannot read image file {file} ({e})") from e
 
 
-def match_categories(
-    ids: Sequence[int], names: Sequence[str], reference: CocoAnnotations, path: Path
-) -> dict[int, int]:
-    """The training file's label of each of this file's category ids: by name (the names travel
-    with the model, and a separate export of the same classes may number them otherwise), else
-    by id for a category renamed here; a category found neither way gets none (its annotations
-    are refused, by name). Both kinds of match that differ from the ids are logged."""
-    ref_names = reference.class_names[1:]
-    by_name = {n: k for k, n in enumerate(ref_names, start=1) if ref_names.count(n) == 1}
-    by_id = {c: k for k, c in enumerate(reference.category_ids, start=1)}
-    label_of = {c: by_name[n] for c, n in zip(ids, names, strict=True) if n in by_name}
-    taken = set(label_of.values())
-    for c, n in zip(ids, names, strict=True):
-        if c not in label_of and c in by_id and by_id[c] not in taken:
-            label_of[c] = by_id[c]
-            log.warning(
-                "%s: category id %s is %r here but %r in %s; matched by id",
-                path,
-                c,
-                n,
-                ref_names[by_id[c] - 1],
-                reference.path,
-            )
-    moved = [
-        f"{n} {c} -> {reference.category_ids[label_of[c] - 1]}"
-        for c, n in zip(ids, names, strict=True)
-        if c in label_of and reference.category_ids[label_of[c] - 1] != c
-    ]
-    if moved:
-        log.warning(
-            "%s: categories matched to %s's by name (id here -> there): %s",
-            path,
-            reference.path,
-            ", ".join(moved),
-        )
-    return label_of
-
-
-def instance_masks(entry: CocoImage, keep: Tensor, source: Path) -> Tensor:
-    """(G, H, W) bool masks of the kept annotations: the segmentation where there is one (and it
-    covers a pixel), else the box, filled."""
-    h, w = entry.height, entry.width
-    out = []
-    for i in keep.nonzero().flatten().tolist():
-        where = f"{source}: annotation id {entry.ann_ids[i]} of image {entry.file_name}"
-        try:
-            mask = segmentation_mask(entry.segmentations[i], entry.boxes[i], h, w)
-        except (ValueError, TypeError) as e:
-            raise CocoFormatError(f"{where}: unreadable segmentation ({e})") from e
-        out.append(torch.from_numpy(mask))
-    return torch.stack(out) if out else torch.zeros(0, h, w, dtype=torch.bool)
-
-
-class CocoDataset(DetectionDataset):
-    """The images of one COCO annotation file (``indices`` into ``annotations.images``, default
-    all), as ``DetectionDataset`` samples.
-
-    train: leave crowd annotations out and skip (with a warning) images without a box; otherwise
-        crowd boxes stay, flagged in ``target["crowd"]`` (G,) bool, for the evaluation.
-    with_masks: add the instance masks (``mask_runs``) where the file has segmentations, for
-        augmentation presets with ``tight_boxes``.
-    """
-
-    def __init__(
-        self,
-        annotations: CocoAnnotations,
-        indices: Sequence[int] | None = None,
-        transforms: Transform | None = None,
-        fallbacks: Sequence[Transform] = (),
-        train: bool = False,
-        with_masks: bool = False,
-    ) -> None:
-        super().__init__(transforms, fallbacks)
-        self.annotations = annotations
-        self.root = annotations.images_dir
-        every = range(len(annotations.images)) if indices is None else indices
-        entries = [annotations.images[i] for i in every]
-        if not entries:
-            raise CocoFormatError(f"{annotations.path}: an empty dataset (no images to use)")
-        self.train = train
-        self.with_masks = with_masks and annotations.has_segmentations
-        if train:
-            empty = [e.file_name for e in entries if not bool((~e.crowd).any())]
-            if empty:
-                warnings.warn(
-                    f"{len(empty)} image(s) of {annotations.path} have no (non-crowd) box and "
-                    f"are left out of training: {', '.join(empty[:10])}"
-                    + (" ..." if len(empty) > 10 else ""),
-                    stacklevel=2,
-                )
-                entries = [e for e in entries if bool((~e.crowd).any())]
-            if not entries:
-                raise CocoFormatError(
-                    f"{annotations.path}: an empty dataset (no image has a non-crowd box)"
-                )
-        self.entries = entries
-        self.names = [e.file_name for e in entries]
-        self._runs: dict[int, MaskRuns] = {}  # per image, decoded once (preload: before forks)
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.annotations.class_names
-
-    def image_path(self, index: int) -> Path:
-        return self.root / self.entries[index].file_name
-
-    def image(self, index: int) -> Tensor:
-        """The image as it was annotated: as displayed (EXIF orientation applied, as labelling
-        tools show a phone's photo), unless only the stored pixels have the entry's size (a tool
-        that ignored the orientation)."""
-        entry, path = self.entries[index], str(self.image_path(index))
-        shown = load_image(path, exif_transpose=True)
-        if shown.shape[-2:] != (entry.height, entry.width):
-            stored = load_image(path)
-            if stored.shape[-2:] == (entry.height, entry.width):
-                return stored
-        return shown
-
-    def _keep(self, entry: CocoImage) -> Tensor:
-        return ~entry.crowd if self.train else torch.ones_like(entry.crowd)
-
-    def raw(self, index: int) -> tuple[tv_tensors.Image, dict]:
-        """The untransformed sample: uint8 image and boxes in its pixels."""
-        entry = self.entries[index]
-        img = self.image(index)
-        h, w = img.shape[-2:]
-        if (h, w) != (entry.height, entry.width):  # boxes of another size: at the wrong scale
-            raise CocoFormatError(
-                f"{self.annotations.path}: image id {entry.id} says {entry.height}x{entry.width} "
-                f"(HxW) but {self.image_path(index)} is {h}x{w}"
-            )
-        keep = self._keep(entry)
-        boxes = entry.boxes[keep]
-        target: dict[str, Any] = {
-            "boxes": tv_tensors.BoundingBoxes(boxes.clone(), format="XYXY", canvas_size=(h, w)),
-            "labels": entry.labels[keep].clone(),
-        }
-        if not self.train:
-            target["crowd"] = entry.crowd[keep].clone()
-        if self.with_masks:  # a copy: the cached runs are shared by every draw
-            if index not in self._runs:
-                self._runs[index] = mask_runs(instance_masks(entry, keep, self.annotations.path))
-            target["mask_runs"] = self._runs[index].copy()
-        return tv_tensors.Image(img), target
-
-
 @functools.cache
 def _cached_classes(path: str, mtime_ns: int, size: int) -> int:
-    return len(categories(load_coco_json(path), Path(path))[0]) + 1
+    return len(file_categories(load_coco_json(path), Path(path))[0]) + 1
 
 
 def coco_num_classes(path: str | Path) -> int:

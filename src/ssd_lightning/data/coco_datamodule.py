@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ssd_lightning.config.atomic import write_json
-from ssd_lightning.data.coco import CocoAnnotations, CocoDataset, CocoFormatError, read_coco
+from ssd_lightning.data.coco import CocoAnnotations, CocoFormatError, read_coco
+from ssd_lightning.data.coco_dataset import CocoDataset
 from ssd_lightning.data.datamodule import DetectionDataModule, check_int
 from ssd_lightning.data.manifest import build_split, load_json, split_names
 from ssd_lightning.data.presets import needs_masks
