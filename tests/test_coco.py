@@ -336,6 +336,12 @@ def _small() -> dict:
         (lambda b: b.pop("categories"), "not a COCO detection file"),
         (lambda b: b["annotations"][0].update(bbox=[1, 2, 3]), "annotations[0] (id 10): 'bbox'"),
         (lambda b: b["annotations"][0].update(image_id=4), "image_id 4 is not the id of any"),
+        (
+            lambda b: b["annotations"].append([1, 5, [0, 0, 5, 5]]),
+            "annotations[1]: expected an object, got a list",
+        ),  # fmt: skip
+        (lambda b: b["images"].insert(0, "x.png"), "images[0]: expected an object, got a string"),
+        (lambda b: b["categories"].append(None), "categories[1]: expected an object, got null"),
     ],
 )
 def test_bad_files_name_the_file_and_the_entry(tmp_path, change, message):

@@ -72,7 +72,8 @@ def _fail(path: Path, what: str) -> CocoFormatError:
 
 def load_coco_json(path: str | Path, key: str = "data.train_json") -> dict:
     """The JSON of a COCO detection file: a dict with ``images``, ``annotations`` and
-    ``categories`` lists; anything else raises ``CocoFormatError`` naming the file."""
+    ``categories`` lists of objects; anything else raises ``CocoFormatError`` naming the file
+    (and the entry)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CocoFormatError(f"{key}={path}: no such file (a COCO annotation JSON)")
@@ -88,7 +89,21 @@ def load_coco_json(path: str | Path, key: str = "data.train_json") -> dict:
             "not a COCO detection file: it needs the lists 'images', 'annotations' and "
             f"'categories' (missing or not a list: {', '.join(missing)})",
         )
+    for k in lists:  # the entries' own checks can then say what is wrong with the entry
+        for i, entry in enumerate(blob[k]):
+            if not isinstance(entry, dict):
+                raise _fail(path, f"{k}[{i}]: expected an object, got {_json_kind(entry)}")
     return blob
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "a string" if isinstance(value, str) else "a list"
 
 
 def _get(blob: Any, key: str) -> Any:
