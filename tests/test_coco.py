@@ -429,6 +429,23 @@ def test_a_val_file_of_other_category_ids_is_matched_by_name(tmp_path, caplog):
         read_coco(_write(tmp_path, blob, "val.json"), IMAGES, train)
 
 
+def test_a_windows_file_name_finds_its_image(tmp_path):
+    # Windows tools export file_name with backslashes; a name that exists as written stays
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    shutil.copy(IMAGES / NAMES[0], tmp_path / "images" / "train" / "a.png")
+    shutil.copy(IMAGES / NAMES[0], tmp_path / "odd\\name.png")  # a file name with a backslash
+    blob = _small()
+    blob["images"][0]["file_name"] = "images\\train\\a.png"
+    blob["images"].append(dict(blob["images"][0], id=2, file_name="odd\\name.png"))
+    ann = read_coco(_write(tmp_path, blob), tmp_path)
+    assert [e.file_name for e in ann.images] == ["images/train/a.png", "odd\\name.png"]
+    img, target = CocoDataset(ann).raw(0)
+    assert img.shape[-2:] == (536, 559) and len(target["boxes"]) == 1
+    blob["images"][1]["file_name"] = "images/train/a.png"  # the same file, written both ways
+    with pytest.raises(CocoFormatError, match=r"images\[1\] \(id 2\): file_name images/train/a"):
+        read_coco(_write(tmp_path, blob), tmp_path)
+
+
 def test_an_image_of_another_size_than_its_entry_is_named(tmp_path):
     blob = _small()
     blob["images"][0]["height"] = 500

@@ -160,6 +160,7 @@ def read_coco(
         iid, name = _get(im, "id"), _get(im, "file_name")
         if not _int(iid) or not isinstance(name, str) or not name:
             raise _fail(path, f"images[{i}]: needs an integer 'id' and a 'file_name'")
+        name = _name_on_disk(images_dir, name)
         if iid in entries:
             raise _fail(
                 path, f"images[{i}]: duplicate image id {iid} (also images[{position[iid]}])"
@@ -250,6 +251,16 @@ def read_coco(
     return CocoAnnotations(
         path, images_dir, images, ids, [BACKGROUND, *names], clipped, dropped, has_seg
     )
+
+
+def _name_on_disk(images_dir: Path, name: str) -> str:
+    """``file_name`` as it lies under ``images_dir``: as written, else, for a Windows export
+    (``images\\train\\x.jpg``), with its backslashes as path separators."""
+    if "\\" in name and not (images_dir / name).is_file():
+        posix = name.replace("\\", "/")  # "/" is a separator on every OS
+        if (images_dir / posix).is_file():
+            return posix
+    return name
 
 
 def _header_size(file: Path, path: Path, where: str) -> tuple[int, int]:
