@@ -18,7 +18,7 @@ from torchvision.ops import box_iou
 
 from ssd_lightning.config.paths import load_option
 from ssd_lightning.data.batch import collate_fn
-from ssd_lightning.data.coco import CocoFormatError, read_coco
+from ssd_lightning.data.coco import CocoFormatError, coco_num_classes, read_coco
 from ssd_lightning.data.coco_datamodule import CocoDataModule
 from ssd_lightning.data.coco_dataset import CocoDataset
 from ssd_lightning.data.convert import pennfudan_to_coco
@@ -444,6 +444,32 @@ def test_a_windows_file_name_finds_its_image(tmp_path):
     blob["images"][1]["file_name"] = "images/train/a.png"  # the same file, written both ways
     with pytest.raises(CocoFormatError, match=r"images\[1\] \(id 2\): file_name images/train/a"):
         read_coco(_write(tmp_path, blob), tmp_path)
+
+
+def test_a_roboflow_placeholder_category_is_no_class(tmp_path, caplog):
+    # Roboflow: category 0 is the dataset's name, the supercategory of the real ones, unused
+    blob = _small()
+    blob["categories"] = [
+        {"id": 0, "name": "people", "supercategory": "none"},
+        {"id": 5, "name": "person", "supercategory": "people"},
+        {"id": 6, "name": "bike", "supercategory": "people"},  # unused, but no placeholder
+        {"id": 7, "name": "dog", "supercategory": "dog"},  # its own supercategory, as in COCO
+    ]
+    path = _write(tmp_path, blob, "train.json")
+    with caplog.at_level(logging.INFO, logger="ssd_lightning.data.coco"):
+        train = read_coco(path, IMAGES)
+    assert train.class_names == ["background", "person", "bike", "dog"]
+    assert train.category_ids == [5, 6, 7] and train.images[0].labels.tolist() == [1]
+    assert coco_num_classes(path) == 4  # what model.net.num_classes follows
+    assert f"{path}: category 0 (people) left out: no annotation uses it" in caplog.text
+    # a val file of the same export matches; one that annotates the placeholder is refused
+    val = read_coco(_write(tmp_path, blob, "val.json"), IMAGES, train)
+    assert val.class_names == train.class_names and val.images[0].labels.tolist() == [1]
+    blob["annotations"][0]["category_id"] = 0
+    with pytest.raises(CocoFormatError, match=r"category_id 0 \(people\) is not a class of"):
+        read_coco(_write(tmp_path, blob, "val.json"), IMAGES, train)
+    # annotated in the training file, it is a class like any other
+    assert read_coco(_write(tmp_path, blob, "t2.json"), IMAGES).class_names[1] == "people"
 
 
 def test_an_image_of_another_size_than_its_entry_is_named(tmp_path):

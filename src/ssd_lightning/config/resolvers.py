@@ -8,8 +8,9 @@ which every entry point and ``compose`` import first.
 - ``${ssd_precision:<accelerator>}``  bf16-mixed where the device computes bf16 natively (a GPU
                                      with bf16, a CPU with AMX / AVX512-BF16), else 32-true
 - ``${ssd_options:<group>}``          the options of a config group (for the --help texts)
-- ``${ssd_coco_classes:<train_json>}`` K + 1 for the K categories of a COCO file: the data's
-                                      ``num_classes``, which ``model.net.num_classes`` follows
+- ``${ssd_coco_classes:<train_json>}`` K + 1 for the K classes of a COCO file (its categories
+                                      but a placeholder): the data's ``num_classes``, which
+                                      ``model.net.num_classes`` follows
 - ``${ssd_val_every:<max_epochs>,<n>}`` the trainer's ``check_val_every_n_epoch`` for about ``n``
                                       validations a run
 """

@@ -118,11 +118,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
 
 
-def file_categories(blob: dict, path: Path) -> tuple[list[int], list[str]]:
-    """(ids ascending, names) of a COCO file's ``categories`` (``coco_categories.categories``);
-    a bad entry raises ``CocoFormatError`` naming the file and the entry."""
+def file_categories(
+    blob: dict, path: Path, training: bool = True
+) -> tuple[list[int], list[str], list[str]]:
+    """(ids ascending, names, placeholders left out) of a COCO file's ``categories``
+    (``coco_categories.categories``; ``training``: placeholders left out); a bad entry raises
+    ``CocoFormatError`` naming the file and the entry."""
     try:
-        return categories(blob["categories"])
+        return categories(blob["categories"], blob["annotations"] if training else None)
     except ValueError as e:
         raise _fail(path, str(e)) from None
 
@@ -142,7 +145,14 @@ def read_coco(
     """
     path, images_dir = Path(path).expanduser(), Path(images_dir).expanduser()
     blob = load_coco_json(path, key)
-    own_ids, own_names = file_categories(blob, path)
+    own_ids, own_names, left_out = file_categories(blob, path, training=reference is None)
+    if left_out:
+        log.info(
+            "%s: category %s left out: no annotation uses it and it is the supercategory of the "
+            "others (a labelling tool's placeholder, as Roboflow exports the dataset's name)",
+            path,
+            ", ".join(left_out),
+        )
     if reference is None:
         ids, names = own_ids, own_names
         label_of = {c: k for k, c in enumerate(ids, start=1)}
@@ -279,7 +289,8 @@ def _cached_classes(path: str, mtime_ns: int, size: int) -> int:
 
 
 def coco_num_classes(path: str | Path) -> int:
-    """K + 1 (background) for a COCO file's K categories: the model's ``num_classes``."""
+    """K + 1 (background) for a COCO training file's K classes (its categories but a
+    placeholder, as ``read_coco`` reads them): the model's ``num_classes``."""
     path = Path(path).expanduser()
     try:
         st = path.stat()

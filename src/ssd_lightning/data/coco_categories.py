@@ -1,7 +1,9 @@
 """A COCO file's ``categories`` -> the dataset's classes: category ids of any value become the
 contiguous labels 1..K in ascending id order (0 = background), ``class_names[label]`` the
 category's name; a val file's categories are matched to the training file's by name (a separate
-export of the same classes may number them otherwise).
+export of the same classes may number them otherwise). A training file's placeholder category
+(Roboflow exports the dataset's name as category 0, the ``supercategory`` of every real one, with
+no annotation) is no class: it would only cost a head output and show as an n/a row of AP.
 
 Checks raise a ``ValueError`` naming the entry (``categories[3]: ...``); the reader
 (``data.coco.read_coco``) adds the file.
@@ -21,8 +23,13 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def categories(entries: list) -> tuple[list[int], list[str]]:
-    """(ids ascending, names) of a COCO file's ``categories`` list; label k = ids[k - 1]."""
+def categories(
+    entries: list, annotations: list | None = None
+) -> tuple[list[int], list[str], list[str]]:
+    """(ids ascending, names, placeholders left out) of a COCO file's ``categories`` list; label
+    k = ids[k - 1]. annotations: the file's, for a training file: a category that none of them
+    uses and that is the ``supercategory`` of other categories is a placeholder, left out as
+    ``"<id> (<name>)"``; None = keep every category."""
     found: dict[int, str] = {}
     for i, c in enumerate(entries):
         cid = c.get("id") if isinstance(c, dict) else None
@@ -34,8 +41,25 @@ def categories(entries: list) -> tuple[list[int], list[str]]:
         found[cid] = name
     if not found:
         raise ValueError("no categories (the 'categories' list is empty)")
-    ids = sorted(found)
-    return ids, [found[c] for c in ids]
+    left_out = [] if annotations is None else _placeholders(entries, annotations)
+    ids = sorted(c for c in found if c not in left_out)
+    return ids, [found[c] for c in ids], [f"{c} ({found[c]})" for c in sorted(left_out)]
+
+
+def _placeholders(entries: list[dict], annotations: list) -> set[int]:
+    """Ids of the categories without annotations whose name is another category's
+    ``supercategory`` (a category may be its own, as COCO's ``person`` is)."""
+    used = {a.get("category_id") for a in annotations if _int(_get(a, "category_id"))}
+    return {
+        c["id"]
+        for c in entries
+        if c["id"] not in used
+        and any(d["id"] != c["id"] and d.get("supercategory") == c["name"] for d in entries)
+    }
+
+
+def _get(blob: Any, key: str) -> Any:
+    return blob.get(key) if isinstance(blob, dict) else None
 
 
 def match_categories(
