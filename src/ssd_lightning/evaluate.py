@@ -27,6 +27,7 @@ from ssd_lightning.config.compose import instantiate_checked
 from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.core.loss import MultiBoxLoss
 from ssd_lightning.training.checkpoint import CheckpointError, load_model
+from ssd_lightning.training.classes import use_model_classes
 from ssd_lightning.training.lit_module import SSDLitModule
 from ssd_lightning.training.run_outputs import write_metrics_json
 
@@ -136,19 +137,16 @@ def evaluate(cfg: DictConfig, show: Callable[[str], Any] = _print_report) -> dic
     with open_dict(cfg):  # the data's classes are the checkpoint's, not checked against config
         cfg.data.num_classes = None
     datamodule = instantiate_checked(cfg.data, "data")
-    names = list(info.get("class_names") or datamodule.class_names)
-    if len(datamodule.class_names) != net.num_classes:
-        raise ConfigError(
-            f"ckpt_path={ckpt}: the model has {net.num_classes - 1} class(es) "
-            f"({', '.join(names[1:])}) but the data has {len(datamodule.class_names) - 1} "
-            f"({', '.join(datamodule.class_names[1:])})"
-        )
-    if names != datamodule.class_names:
-        log.warning(
-            "the model's classes (%s) differ in name from the data's (%s); matched by label",
-            ", ".join(names[1:]),
-            ", ".join(datamodule.class_names[1:]),
-        )
+    names = list(info.get("class_names") or [])
+    if not names:  # a model file from before the names travelled with it: the data's, by label
+        if len(datamodule.class_names) != net.num_classes:
+            raise ConfigError(
+                f"ckpt_path={ckpt}: the model has {net.num_classes - 1} class(es) but the data "
+                f"has {len(datamodule.class_names) - 1} ({', '.join(datamodule.class_names[1:])})"
+            )
+        names = datamodule.class_names
+    # matched by name: the data renumbered as the model's, or refused (training.classes)
+    use_model_classes(datamodule, names, f"ckpt_path={ckpt}")
     module.class_names = names
     trainer = instantiate_checked(cfg.trainer, "trainer", callbacks=[])
     datamodule.prepare_data()  # verify (and with data.download=true fetch) the images

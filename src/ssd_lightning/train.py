@@ -46,6 +46,7 @@ from ssd_lightning.training.resume import (
     restore_run_config,
     resume_argv,
     start_checkpoint,
+    use_checkpoint_classes,
 )
 from ssd_lightning.training.run_outputs import (
     EVAL_METRICS_FILE,
@@ -211,6 +212,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     module, datamodule, trainer = build(cfg)
+    if ckpt_path is not None:
+        use_checkpoint_classes(cfg, ckpt_path, datamodule)
     if trainer.is_global_zero and os.environ.get("LOCAL_RANK", "0") == "0":
         write_resolved_config(cfg, output_dir)
         if print_config:

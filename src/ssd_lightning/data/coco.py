@@ -59,7 +59,8 @@ class CocoAnnotations:
     path: Path
     images_dir: Path
     images: list[CocoImage]
-    category_ids: list[int]  # label k is category_ids[k - 1]
+    # label k is category_ids[k - 1]; None: a model's class without a category here (relabel)
+    category_ids: list[int | None]
     class_names: list[str]  # index = label, class_names[0] = "background"
     clipped: int = 0
     dropped: int = 0

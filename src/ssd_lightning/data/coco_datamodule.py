@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,22 @@ class CocoDataModule(DetectionDataModule):
     @property
     def class_names(self) -> list[str]:
         return list(self.train_ann.class_names)
+
+    def relabel(self, labels: Sequence[int], class_names: Sequence[str]) -> None:
+        """Renumber both files' classes as a model's (see the base); a class of the model's
+        without a category here gets no category id."""
+        if any(s is not None for s in (self.train_set, self.val_set, self.test_set)):
+            raise RuntimeError("relabel: the datasets are built already (call it before setup)")
+        table = torch.tensor(labels, dtype=torch.int64)
+        for ann in (self.train_ann, self.val_ann):
+            if ann is None:
+                continue
+            for image in ann.images:
+                image.labels = table[image.labels]
+            ids: list[int | None] = [None] * (len(class_names) - 1)
+            for k, c in enumerate(ann.category_ids, start=1):
+                ids[labels[k] - 1] = c
+            ann.category_ids, ann.class_names = ids, list(class_names)
 
     # -- the split ------------------------------------------------------------------------------
     def _held_out(self, n: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -113,6 +113,12 @@ class DetectionDataModule(L.LightningDataModule):
     def class_names(self) -> list[str]:
         """Index = label; 0 = background."""
         return list(CLASS_NAMES)
+
+    def relabel(self, labels: Sequence[int], class_names: Sequence[str]) -> None:
+        """Renumber the classes as a trained model's (before ``setup``): the data's label k
+        becomes ``labels[k]``, ``class_names`` (the model's) say what they mean. A ValueError
+        where the dataset cannot."""
+        raise ValueError(f"{type(self).__name__} cannot renumber its classes")
 
     @staticmethod
     def _check_num_classes(num_classes: int | None, class_names: list[str], source: str) -> None:

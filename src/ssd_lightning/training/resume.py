@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssd_lightning.config.atomic import remove_stale_temps
 from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.config.job_status import JOB_STATUS_FILE
+from ssd_lightning.data.datamodule import DetectionDataModule
 from ssd_lightning.training.checkpoint import (
     CKPT_KEY,
     CheckpointError,
@@ -34,6 +35,7 @@ from ssd_lightning.training.checkpoint import (
     net_config,
     read_checkpoint,
 )
+from ssd_lightning.training.classes import use_model_classes
 from ssd_lightning.training.run_outputs import EVAL_METRICS_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -229,3 +231,16 @@ def start_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
             if directory.is_dir():
                 remove_stale_temps(directory)
     return None if ckpt is None else str(ckpt)
+
+
+def use_checkpoint_classes(
+    cfg: DictConfig, ckpt_path: str, datamodule: DetectionDataModule
+) -> None:
+    """A resumed run goes on training the checkpoint's classes: the data's labels are matched to
+    them by name (``training.classes``), so a training file exported again, its categories
+    numbered otherwise, is renumbered as the run's rather than trained under swapped names.
+    Before the fit (``setup``)."""
+    names = read_checkpoint(ckpt_path, mmap=True)[CKPT_KEY].get("class_names")
+    if names:
+        key = "resume" if cfg.get("resume") is not None else "ckpt_path"
+        use_model_classes(datamodule, names, f"{key}={cfg.get(key)}")
