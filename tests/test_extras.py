@@ -33,3 +33,20 @@ def test_a_missing_hydra_plugin_is_one_message() -> None:
     r = run_cli("ssd_lightning.train", "-m", "hydra/launcher=slurm", "anchors=ssd,tall_skinny")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("Error: hydra/launcher=slurm: the Hydra")
+
+
+def test_a_base_install_without_any_hydra_plugin_is_one_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `pip install -e .` alone has no hydra_plugins package at all: looking up a plugin module
+    # under it raises instead of returning None
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> object:
+        if name.split(".")[0] == "hydra_plugins":
+            raise ModuleNotFoundError("No module named 'hydra_plugins'", name="hydra_plugins")
+        return real(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(MissingDependencyError, match=r"pip install -e '\.\[search\]'"):
+        check_plugins(["hparams_search=anchors_optuna"])

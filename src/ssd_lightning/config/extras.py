@@ -48,6 +48,15 @@ def require(module: str, package: str, extra: str, feature: str) -> ModuleType:
         ) from None
 
 
+def _find(module: str) -> object | None:
+    """``importlib.util.find_spec`` that also says None when the parent package is missing: a
+    base install has no ``hydra_plugins`` at all, and looking under it raises."""
+    try:
+        return importlib.util.find_spec(module)
+    except ModuleNotFoundError:
+        return None
+
+
 def check_plugins(argv: Sequence[str]) -> None:
     """Before Hydra composes: a command line selecting a plugin that is not installed fails with
     one message naming it (Hydra would only say that a config is missing)."""
@@ -56,7 +65,7 @@ def check_plugins(argv: Sequence[str]) -> None:
         for prefix, module, package, extra in _PLUGINS:
             if not override.startswith(prefix) or override == f"{prefix}null":
                 continue
-            if importlib.util.find_spec(module) is None:
+            if _find(module) is None:
                 raise MissingDependencyError(
                     f"{override}: the Hydra plugin {package} is not installed: "
                     f"{install_hint(package, extra)}"
