@@ -4,12 +4,13 @@ every library, errors printed once, --help for every tool, outputs where the use
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from conftest import PENNFUDAN, run_cli, tiny
 
-from ssd_lightning.training.progress import format_duration
+from ssd_lightning.training.progress import RunProgress, format_duration
 
 
 def test_a_logged_run_has_one_line_per_epoch(tmp_path: Path) -> None:
@@ -33,6 +34,18 @@ def test_a_logged_run_has_one_line_per_epoch(tmp_path: Path) -> None:
     assert "litlogger" not in out
     log = (tmp_path / "run" / "train.log").read_text()
     assert "epoch 2/2" in log
+
+
+@pytest.mark.parametrize(("stdout_tty", "stderr_tty"), [(False, True), (True, False)])
+def test_the_bar_is_drawn_only_where_it_goes_to_a_terminal(
+    monkeypatch: pytest.MonkeyPatch, stdout_tty: bool, stderr_tty: bool
+) -> None:
+    # Lightning's bar writes to stdout: `train > log.txt` from a terminal (stderr still a tty)
+    # must get the per-epoch lines, not carriage-return redraws in the file
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: stdout_tty)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: stderr_tty)
+    bar = RunProgress()
+    assert bar.interactive is stdout_tty and bar.is_disabled is not stdout_tty
 
 
 def test_debug_preset_is_debug_for_this_package_and_lightning_only(tmp_path: Path) -> None:

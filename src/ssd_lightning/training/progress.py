@@ -1,8 +1,9 @@
 """Progress of a fit: a bar on a terminal, one readable line per epoch anywhere else.
 
 On a terminal the bar reads ``Epoch 3/100`` and shows the whole run's ETA beside the metrics.
-When stderr is not a terminal (a log file, a cluster job) the carriage-return redraws of a bar
-would fill the log with noise: the bar is off and each epoch ends with one line instead, e.g.
+When stdout, where the bar draws, is not a terminal (a log file, a cluster job) the
+carriage-return redraws of a bar would fill the log with noise: the bar is off and each epoch
+ends with one line instead, e.g.
 ``epoch 3/100  train/loss 2.314  val/map_50 0.412  val/loss 2.871  17.2 s/epoch  ETA 27m53s``.
 """
 
@@ -39,7 +40,8 @@ class RunProgress(TQDMProgressBar):
 
     def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False):
         super().__init__(refresh_rate, process_position, leave)
-        self.interactive = sys.stderr.isatty()
+        # Lightning's bar writes to stdout: `train > log.txt` from a terminal wants the lines
+        self.interactive = sys.stdout.isatty()
         if not self.interactive:
             self.disable()
         self._fit_start: float | None = None
