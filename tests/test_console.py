@@ -81,6 +81,15 @@ def test_a_config_error_is_printed_once(tmp_path: Path) -> None:
     assert "every value must be" in (tmp_path / "train.log").read_text()  # and in the run's log
 
 
+@pytest.mark.parametrize("tool", ["predict", "export"])
+def test_an_unknown_key_is_one_message_and_exit_status_2(tool: str) -> None:
+    # Hydra reports it itself (before any task runs) with exit status 1, the status of a run that
+    # failed; a mistake on the command line is the tools' exit status 2
+    r = run_cli(f"ssd_lightning.{tool}", "no_such_key=1", "ckpt_path=x.pt", "input=y.png")
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.count("Could not override 'no_such_key'") == 1 and "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize(
     ("tool", "needle"),
     [
