@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import PENNFUDAN, make_cfg, run_cli
 
+from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.core.postprocess import postprocess
 from ssd_lightning.data.images import read_rgb
 from ssd_lightning.data.presets import build_eval_transform
@@ -20,10 +21,11 @@ from ssd_lightning.training.checkpoint import load_model
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
+onnx = pytest.importorskip("onnx")
 
 from ssd_lightning.export import export  # noqa: E402
 from ssd_lightning.predict import predict  # noqa: E402
-from ssd_lightning.tools.onnx_export import export_onnx  # noqa: E402
+from ssd_lightning.tools.onnx_export import check_export_options, export_onnx  # noqa: E402
 from ssd_lightning.tools.onnx_runtime import (  # noqa: E402
     DETECTOR,
     OnnxDetector,
@@ -192,3 +194,13 @@ def test_user_mistakes_are_one_message(exported: dict, tmp_path: Path) -> None:
         OnnxDetector(broken)
     r = run_cli("ssd_lightning.export", f"ckpt_path={exported['model']}", "format=tflite")
     assert r.returncode == 2 and "format='tflite': allowed values are onnx" in r.stderr
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused() -> None:
+    # the version converter gives up past the newest opset onnx knows and keeps opset 18: the
+    # files and their description said opset 99 of a graph at opset 18
+    newest = onnx.defs.onnx_opset_version()
+    check_export_options("onnx", newest, None)
+    for opset in (17, newest + 1, 99):
+        with pytest.raises(ConfigError, match=f"opset={opset}: allowed values are"):
+            check_export_options("onnx", opset, None)

@@ -178,6 +178,9 @@ def _export_graph(
             opset_version=opset,
             custom_translation_table={torch.ops.aten.sort.stable: _stable_sort},
         )
+    written = program.model.opset_imports.get("")
+    if written != opset:  # a failed version conversion keeps the exporter's opset, quietly
+        raise ExportCheckError(f"opset={opset}: the exporter could only write opset {written}")
     program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
     program.save(str(path), external_data=False)
 
@@ -239,11 +242,21 @@ def export_onnx(
     return meta | {"files": {k: str(v) for k, v in files.items()}}
 
 
+def newest_opset() -> int:
+    """The newest opset the installed onnx knows: the exporter's version converter cannot go past
+    it (it then keeps its own opset 18 and says nothing)."""
+    return int(require("onnx", "onnx", "onnx", "ONNX export").defs.onnx_opset_version())
+
+
 def check_export_options(fmt: str, opset: Any, stem: str | None) -> None:
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}: allowed values are {', '.join(FORMATS)}")
     if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
         raise ConfigError(f"opset={opset!r}: allowed values are integers >= {MIN_OPSET}")
+    if opset > (newest := newest_opset()):
+        raise ConfigError(
+            f"opset={opset}: allowed values are {MIN_OPSET}..{newest} (the newest this onnx knows)"
+        )
     if stem is not None and (not stem or "/" in stem or stem.startswith(".")):
         raise ConfigError(f"name={stem!r}: a file name without folders (e.g. ssd_pennfudan)")
 
