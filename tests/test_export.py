@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from ssd_lightning.tools.onnx_export import check_export_options, export_onnx  #
 from ssd_lightning.tools.onnx_parity import compare_detections  # noqa: E402
 from ssd_lightning.tools.onnx_runtime import (  # noqa: E402
     DETECTOR,
+    NETWORK,
     OnnxDetector,
     open_session,
     per_image,
@@ -230,3 +232,16 @@ def test_parity_allows_a_tie_at_the_cut_not_a_real_difference() -> None:
     assert extra["ok"] and extra["boundary"] == 1
     for ours in ([_dets([a, c], [0.9, 0.6])], [_dets([a, c], [0.9, 0.11])], [_dets([c], [0.9])]):
         assert not compare_detections(ours, ref, 1e-3, None, 0.05)["ok"]
+
+
+def test_the_exporter_says_nothing_a_user_cannot_act_on(
+    exported: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the network graph returns its anchors, an initializer: onnx_ir warned that it could not
+    # deduplicate it, on every export
+    net, info = load_model(exported["model"])
+    with caplog.at_level(logging.DEBUG):
+        export_onnx(net, info, tmp_path, "quiet", info["predict"], graphs=(NETWORK,))
+    assert (tmp_path / "quiet_network.onnx").is_file()
+    noise = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not noise, [r.getMessage() for r in noise]

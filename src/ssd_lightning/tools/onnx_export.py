@@ -141,14 +141,15 @@ def _stable_sort(self: Any, stable: Any = None, dim: int = -1, descending: bool 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The exporter prints and logs its every step and warns about things no user can act on
-    (its failures raise)."""
+    (e.g. onnx_ir: an initializer that is also an output, the anchors, is not deduplicated); its
+    failures raise."""
     loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
     levels = [lg.level for lg in loggers]
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for lg in loggers:
-                lg.setLevel(logging.WARNING)
+                lg.setLevel(logging.ERROR)
             yield
     finally:
         for lg, level in zip(loggers, levels, strict=True):
@@ -182,7 +183,8 @@ def _export_graph(
     if written != opset:  # a failed version conversion keeps the exporter's opset, quietly
         raise ExportCheckError(f"opset={opset}: the exporter could only write opset {written}")
     program.model.metadata_props[METADATA_KEY] = json.dumps(meta)
-    program.save(str(path), external_data=False)
+    with _quiet_exporter():  # saving runs the exporter's passes too
+        program.save(str(path), external_data=False)
 
 
 def export_onnx(
