@@ -125,3 +125,21 @@ def test_every_searched_key_exists_and_every_choice_builds(name: str, tmp_path: 
             cfg = make_cfg([*search, f"{key}={value}"], tmp_path)
             validate_config(cfg)
             instantiate_checked(cfg.model, "model")
+
+
+def test_an_objective_no_trial_can_return_stops_the_search_before_it_starts(
+    tmp_path: Path,
+) -> None:
+    # each trial refused it alone: the sweeper and Hydra printed the message three times, with
+    # every trial's overrides, exit status 1
+    r = run_cli(
+        "ssd_lightning.train",
+        "-m",
+        "hparams_search=anchors_optuna",
+        "optimized_metric=val/nosuch",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert out.count("optimized_metric='val/nosuch': not a metric the run logs") == 1, out
+    assert "Error executing job" not in out and not (tmp_path / "sweep" / "0").exists()

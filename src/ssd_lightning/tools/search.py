@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.config.errors import ConfigError
@@ -39,12 +40,12 @@ def metric_direction(metric: str) -> str | None:
     return next((d for part, d in _DIRECTIONS.items() if part in name), None)
 
 
-def _sweeper_direction() -> str | None:
-    """The Optuna sweeper's direction in this job (None outside an Optuna sweep, or when it has
-    several objectives)."""
-    if not HydraConfig.initialized():
-        return None
-    direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction", default=None)
+def _sweeper_direction(cfg: DictConfig) -> str | None:
+    """The Optuna sweeper's direction: the search's config (``cfg.hydra``, before the trials), or
+    this job's Hydra config (None outside an Optuna sweep, or when it has several objectives)."""
+    direction = OmegaConf.select(cfg, "hydra.sweeper.direction", default=None)
+    if direction is None and HydraConfig.initialized():
+        direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction", default=None)
     if direction is None or OmegaConf.is_list(direction):
         return None
     return str(direction).rsplit(".", 1)[-1]  # "maximize", also from "Direction.maximize"
@@ -70,7 +71,7 @@ def check_objective(cfg: DictConfig) -> str | None:
             "no val/ metric is logged; use train/loss (hydra.sweeper.direction=minimize) or "
             "data.val_size > 0"
         )
-    wanted, direction = metric_direction(metric), _sweeper_direction()
+    wanted, direction = metric_direction(metric), _sweeper_direction(cfg)
     if wanted is not None and direction is not None and direction != wanted:
         raise ConfigError(
             f"optimized_metric={metric} with hydra.sweeper.direction={direction}: "
@@ -93,6 +94,22 @@ def objective_value(cfg: DictConfig, metrics: Mapping[str, Any]) -> float | None
         )
     value = metrics[metric]
     return float(value) if value is not None and math.isfinite(value) else math.nan
+
+
+class ObjectiveCheck(Callback):
+    """``check_objective`` once, before the first trial (``conf/hparams_search/``): a metric no
+    trial can return stops the search with one message, not each trial alone (which the sweeper
+    reports three times, each with the trial's overrides)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_objective(config)
+        except ConfigError as e:
+            # the tools' one exit path; SystemExit, since Hydra turns a callback's exceptions
+            # into warnings. Imported here: summarize imports this module and stays light
+            from ssd_lightning.config.cli import exit_with_error
+
+            exit_with_error(e, "Config error")
 
 
 @dataclass
