@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.core.postprocess import postprocess
 from ssd_lightning.data.images import read_rgb
 from ssd_lightning.data.presets import build_eval_transform
-from ssd_lightning.training.checkpoint import load_model
+from ssd_lightning.training.checkpoint import CheckpointError, load_model
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -26,7 +27,11 @@ onnx = pytest.importorskip("onnx")
 
 from ssd_lightning.export import export  # noqa: E402
 from ssd_lightning.predict import predict  # noqa: E402
-from ssd_lightning.tools.onnx_export import check_export_options, export_onnx  # noqa: E402
+from ssd_lightning.tools.onnx_export import (  # noqa: E402
+    check_export_options,
+    export_model,
+    export_onnx,
+)
 from ssd_lightning.tools.onnx_parity import compare_detections  # noqa: E402
 from ssd_lightning.tools.onnx_runtime import (  # noqa: E402
     DETECTOR,
@@ -245,3 +250,15 @@ def test_the_exporter_says_nothing_a_user_cannot_act_on(
     assert (tmp_path / "quiet_network.onnx").is_file()
     noise = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not noise, [r.getMessage() for r in noise]
+
+
+def test_an_output_dir_that_cannot_be_one_is_one_message(tmp_path: Path) -> None:
+    taken = tmp_path / "model.pt"
+    taken.write_bytes(b"")
+    for out, why in ((taken, "is a file, not a folder"), (taken / "sub", "cannot create it")):
+        with pytest.raises(ConfigError, match=f"output_dir={re.escape(str(out))}: {why}"):
+            export_model(tmp_path / "no_model.pt", out)
+    export_model_dir = tmp_path / "new" / "nested"  # a folder that does not exist yet is made
+    with pytest.raises(CheckpointError, match="no_model.pt: no such file"):
+        export_model(tmp_path / "no_model.pt", export_model_dir)
+    assert export_model_dir.is_dir()

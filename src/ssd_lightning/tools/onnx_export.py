@@ -286,6 +286,13 @@ def export_model(
         require(
             "onnxruntime", "onnxruntime", "onnx", "the parity check (check.enabled=false skips it)"
         )
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir={out}: is a file, not a folder")
+    try:  # before the model loads: a mistake here costs no time
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output_dir={out}: cannot create it ({e.strerror})") from None
     net, info = load_model(ckpt_path)
     stem = name or Path(str(ckpt_path)).stem
     chosen = {**info["predict"], **given}
@@ -295,7 +302,7 @@ def export_model(
         parity = check_parity(net, meta, images, sizes)
         parity["folder"] = str(check_folder)
         meta["parity"] = parity
-    sidecar = Path(out_dir).expanduser() / f"{stem}.json"
+    sidecar = out / f"{stem}.json"
     sidecar.write_text(json.dumps(meta, indent=2) + "\n")
     meta["files"]["sidecar"] = str(sidecar)
     parity = meta.get("parity")
