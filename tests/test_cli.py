@@ -127,7 +127,7 @@ def test_train_cli_config_error_is_clean(tmp_path: Path) -> None:
     assert r.returncode == 2 and "anchors=tall_skinny anchors.ratios" in r.stderr
     assert "Traceback" not in r.stderr
     r = run_cli("ssd_lightning.train", "anchors=nope", f"hydra.run.dir={tmp_path}")
-    assert r.returncode != 0 and "tall_skinny" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "tall_skinny" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_predict_rejects_bad_thresholds_and_keeps_same_stem_outputs_apart(
