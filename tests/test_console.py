@@ -96,6 +96,7 @@ def test_an_unknown_key_is_one_message_and_exit_status_2(tool: str) -> None:
         ("train", "augmentation:"),
         ("evaluate", "ckpt_path"),
         ("predict", "input"),
+        ("export", "opset"),
         ("anchors", "--figure"),
         ("summarize", "multirun_dir"),
         ("benchmark", "batch_sizes"),
