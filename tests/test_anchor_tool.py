@@ -40,8 +40,7 @@ def test_report_follows_overrides(train_boxes):
         tool.compose(
             "train",
             [
-                "anchors=tall_skinny",  # the default's pennfudan_fitted lists explicit pairs
-                "anchors.ratios=[0.3]",
+                "anchors.ratios=[0.3]",  # on the default's tall_skinny behind its pairs
                 "anchors.extra_square=false",
                 "anchors.scales=[0.1,0.2,0.375,0.55,0.725,0.9]",
             ],
@@ -120,3 +119,4 @@ def test_the_default_preset_is_what_fit_writes(train_boxes):
     committed = load_option("anchors", "pennfudan_fitted")
     assert result["preset"]["pairs"] == committed["pairs"]
     assert result["preset"]["clip"] == committed["clip"]
+    assert result["preset"]["fitted_from"] == committed["fitted_from"]

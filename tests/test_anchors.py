@@ -100,10 +100,18 @@ def test_unknown_preset_lists_the_available_ones():
         load_option("anchors", "no_such_preset")
 
 
-def test_a_pairs_preset_refuses_scales_or_ratios():
-    """The default preset lists (scale, ratio) pairs: a ratios override cannot apply to it, and
-    the message says which preset to start from instead of silently ignoring it."""
+def test_scales_or_ratios_on_a_fitted_preset_build_on_the_preset_behind_it():
+    """The default preset lists fitted (scale, ratio) pairs: a scales / ratios / extra_square
+    override builds on the preset they were fitted from (`fitted_from`), as it would on that
+    preset; a pairs preset without one refuses them, naming a preset to start from."""
     preset = dict(load_option("anchors", "pennfudan_fitted"))
-    assert anchor_pairs(preset) == anchor_pairs({**preset, "ratios": None, "scales": None})
+    base = dict(load_option("anchors", preset["fitted_from"]["name"]))
+    assert {k: base[k] for k in preset["fitted_from"]} == dict(preset["fitted_from"])
+    assert anchor_pairs(preset) == [[tuple(p) for p in level] for level in preset["pairs"]]
+    for override in ({"ratios": [0.5]}, {"scales": [0.2] * 7}, {"extra_square": False}):
+        assert anchor_pairs({**preset, **override}) == anchor_pairs({**base, **override})
+    with pytest.raises(ValueError, match="anchors.ratios: every value must be"):
+        anchor_pairs({**preset, "ratios": [-1.0]})
+    bare = {k: v for k, v in preset.items() if k != "fitted_from"}
     with pytest.raises(ValueError, match="anchors.ratios .*explicit `pairs`.*anchors=tall_skinny"):
-        anchor_pairs({**preset, "ratios": [0.5]})
+        anchor_pairs({**bare, "ratios": [0.5]})

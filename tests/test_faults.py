@@ -48,8 +48,7 @@ def test_a_bad_sweep_job_is_failed_and_the_sweep_goes_on(tmp_path: Path) -> None
     sweep = tmp_path / "sweep"
     r = run_cli(
         "ssd_lightning.train",
-        "-m",
-        "anchors=tall_skinny",
+        "-m",  # on the default preset (fitted pairs): ratios build on the preset behind it
         "anchors.ratios=[-1],[0.5]",
         *tiny(trainer__limit_train_batches=1),
         f"hydra.sweep.dir={sweep}",

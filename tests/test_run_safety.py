@@ -19,8 +19,13 @@ from conftest import ROOT, make_cfg, run_cli, tiny
 
 from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.config.job_status import read_job_status
+from ssd_lightning.config.paths import load_option
 from ssd_lightning.train import train
-from ssd_lightning.training.checkpoint import CheckpointError, read_checkpoint
+from ssd_lightning.training.checkpoint import (
+    CheckpointError,
+    architecture_differences,
+    read_checkpoint,
+)
 from ssd_lightning.training.checkpoint_io import RunCheckpointIO
 from ssd_lightning.training.resume import start_checkpoint
 
@@ -141,7 +146,20 @@ def test_resume_with_another_network_is_refused(
     ) as e:
         train(cfg)
     if changes[0].startswith("anchors="):  # e.g. a default changed since the run: give it again
-        assert "needs its value again, here anchors=pennfudan_fitted" in str(e.value)
+        assert "give its value again: anchors=pennfudan_fitted" in str(e.value)
+
+
+def test_a_preset_that_gained_a_key_still_resumes() -> None:
+    """The anchors are compared by what they make: a run made before the default preset
+    recorded the preset it was fitted from (fitted_from, extra_square) has the same network."""
+    preset = dict(load_option("anchors", "pennfudan_fitted"))
+    older = {k: v for k, v in preset.items() if k not in ("fitted_from", "extra_square")}
+    net = {"image_size": 300, "num_classes": 2}
+    assert architecture_differences({**net, "anchors": older}, {**net, "anchors": preset}) == []
+    other = {**older, "clip": False}
+    assert architecture_differences({**net, "anchors": other}, {**net, "anchors": preset}) == [
+        "anchors.clip: checkpoint False, config True"
+    ]
 
 
 def test_resume_from_a_broken_checkpoint_is_one_message(tiny_run: dict, tmp_path: Path) -> None:

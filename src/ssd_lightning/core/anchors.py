@@ -13,10 +13,17 @@ A preset is written either compactly::
 or explicitly, as the anchor fitter writes it::
 
     pairs: [[[s, r], [s, r], ...], ...]   # one list per map
+    fitted_from: {name: ..., scales: [...], ratios: [...], extra_square: ...}
+
+``fitted_from`` (optional) is the compact preset the pairs were fitted from: a ``scales``,
+``ratios`` or ``extra_square`` given to an explicit preset (a command-line override of the
+default) builds on it, the pairs giving way, so that ``anchors.ratios=[0.5]`` means the same with
+every preset that has scales and ratios behind it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -25,6 +32,9 @@ from torch import Tensor
 from torchvision.ops import box_convert
 
 AnchorPairs = list[list[tuple[float, float]]]
+
+log = logging.getLogger(__name__)
+_said: set[str] = set()
 
 
 def _check_positive(values: Sequence[float], key: str) -> None:
@@ -37,13 +47,27 @@ def anchor_pairs(cfg: Mapping) -> AnchorPairs:
     """Expand an anchor preset into per-map (scale, ratio) pairs, validating it on the way."""
     name = cfg.get("name", "?")
     if cfg.get("pairs") is not None:
-        compact = [k for k in ("scales", "ratios") if cfg.get(k) is not None]
-        if compact:
+        compact = [k for k in ("scales", "ratios", "extra_square") if cfg.get(k) is not None]
+        base = cfg.get("fitted_from")
+        if compact and base is None:
             raise ValueError(
                 f"anchors.{compact[0]} (preset {name}): this preset lists explicit `pairs`, so "
                 "scales and ratios do not apply; start from a scales + ratios preset instead, "
                 "e.g. anchors=tall_skinny anchors.ratios=[0.5,0.33]"
             )
+        if compact:
+            message = (
+                f"anchors.{' and anchors.'.join(compact)} given: preset {name}'s fitted pairs "
+                f"give way to the scales + ratios of {base.get('name', '?')}, the preset they "
+                "were fitted from"
+            )
+            if message not in _said:  # the config is expanded more than once per run
+                _said.add(message)
+                log.info(message)
+            keys = ("scales", "ratios", "extra_square")
+            given = {k: cfg.get(k) if cfg.get(k) is not None else base.get(k) for k in keys}
+            name = f"{name} with anchors.{compact[0]}"
+            return anchor_pairs({"name": name, **{k: v for k, v in given.items() if v is not None}})
         pairs = [[(float(s), float(r)) for s, r in level] for level in cfg["pairs"]]
         for m, level in enumerate(pairs):
             if not level:

@@ -191,6 +191,9 @@ def fit(cfg: DictConfig, name: str, seeds: int = 8, gt: Tensor | None = None) ->
         "clip": clip,
         "pairs": [[[round(s, 4), round(r, 4)] for s, r in level] for level in pairs],
     }
+    base = _compact_base(anchors_cfg)
+    if base is not None:  # what an anchors.scales / anchors.ratios override builds on
+        preset["fitted_from"] = base
     return {
         "preset": preset,
         "before": before,
@@ -199,6 +202,15 @@ def fit(cfg: DictConfig, name: str, seeds: int = 8, gt: Tensor | None = None) ->
         "started_from": anchors_cfg.get("name", "?"),
         "gt_wh": gt[:, 2:] - gt[:, :2],
     }
+
+
+def _compact_base(anchors_cfg: dict) -> dict | None:
+    """The scales + ratios preset behind ``anchors_cfg``: itself, or the one an explicit preset
+    was fitted from (None: explicit pairs all the way)."""
+    if anchors_cfg.get("pairs") is not None:
+        return anchors_cfg.get("fitted_from")
+    keys = ("name", "scales", "ratios", "extra_square")
+    return {k: anchors_cfg[k] for k in keys if anchors_cfg.get(k) is not None}
 
 
 def write_preset(result: dict, directory: Path, force: bool = False) -> Path:
@@ -214,9 +226,9 @@ def write_preset(result: dict, directory: Path, force: bool = False) -> Path:
         f"# smallest clusters on the finest map. Best possible recall {b['bpr']:.1%} -> "
         f"{a['bpr']:.1%}, mean best IoU {b['best_iou_mean']:.3f} -> {a['best_iou_mean']:.3f}.\n"
     )
-    # scales / ratios present but null: an override of either reaches the preset's check (which
-    # explains that pairs exclude them) instead of Hydra's "not in struct"
-    body = {**preset, "scales": None, "ratios": None}
+    # scales / ratios present but null: an override of either is accepted by Hydra (not "not in
+    # struct") and builds on fitted_from (see core.anchors)
+    body = {**preset, "scales": None, "ratios": None, "extra_square": None}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(body, default_flow_style=None, sort_keys=False))
     return path

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ssd_lightning.config.atomic import atomic_write
+from ssd_lightning.core.anchors import anchor_pairs
 from ssd_lightning.core.postprocess import EVALUATE_DEFAULTS, PREDICT_DEFAULTS
 from ssd_lightning.core.ssd import SSD
 
@@ -136,8 +137,9 @@ def export_model(net: SSD, path: str | Path, extra: dict[str, Any] | None = None
     return Path(path)
 
 
-# what does not shape the trained network: the trunk's initial weights, the preset's name
-_NOT_ARCHITECTURE = ("model.net.weights", "anchors.name")
+# what does not shape the trained network: the trunk's initial weights, the preset's name, the
+# preset a fitted one came from (it shapes the anchors only through scales / ratios, compared)
+_NOT_ARCHITECTURE = ("model.net.weights", "anchors.name", "anchors.fitted_from")
 
 
 def _differences(stored: Any, wanted: Any, key: str) -> list[str]:
@@ -147,6 +149,18 @@ def _differences(stored: Any, wanted: Any, key: str) -> list[str]:
     if key in _NOT_ARCHITECTURE or stored == wanted:
         return []
     return [f"{key}: checkpoint {stored!r}, config {wanted!r}"]
+
+
+def _same_anchors(stored: Any, wanted: Any) -> bool:
+    # the anchors they make, whatever else a preset records (a name, the preset it was fitted
+    # from: a run made before a preset gained such a key resumes with it)
+    if not (isinstance(stored, Mapping) and isinstance(wanted, Mapping)):
+        return False
+    try:
+        same_pairs = anchor_pairs(stored) == anchor_pairs(wanted)
+    except ValueError:
+        return False
+    return same_pairs and bool(stored.get("clip", True)) == bool(wanted.get("clip", True))
 
 
 def architecture_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
@@ -162,6 +176,8 @@ def architecture_differences(stored: Mapping[str, Any], wanted: Mapping[str, Any
     wanted = {**defaults, **{k: v for k, v in wanted.items() if not k.startswith("_")}}
     out = []
     for k in sorted(set(stored) | set(wanted)):
+        if k == "anchors" and _same_anchors(stored.get(k), wanted.get(k)):
+            continue
         key = "anchors" if k == "anchors" else f"model.net.{k}"  # anchors: the anchors group
         out += _differences(stored.get(k), wanted.get(k), key)
     return out

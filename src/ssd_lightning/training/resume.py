@@ -180,7 +180,7 @@ def _check_checkpoint(cfg: DictConfig, path: Path, key: str) -> None:
         # a default that changed since the run (the anchors did) is not in its overrides
         name = (saved.get("anchors") or {}).get("name")
         again = (
-            f"; a default changed since the run needs its value again, here anchors={name}"
+            f"; if a default changed since the run, give its value again: anchors={name}"
             if name and name != (wanted.get("anchors") or {}).get("name")
             else ""
         )
