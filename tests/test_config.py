@@ -177,6 +177,15 @@ def test_long_runs_validate_every_few_epochs(tmp_path: Path) -> None:
     assert resolvers.validation_interval(None) == resolvers.validation_interval(-1) == 1
 
 
+def test_max_steps_is_a_trainer_key(tmp_path: Path) -> None:
+    """trainer.max_steps is typed like any trainer key (no `+`), and it is the length the
+    open-ended run's refusal asks for: the schedule then spans max_steps."""
+    assert make_cfg([], tmp_path / "a").trainer.max_steps == -1
+    cfg = make_cfg(["trainer.max_epochs=-1", "trainer.max_steps=3"], tmp_path / "b")
+    assert cfg.trainer.max_steps == 3
+    validate_config(cfg)
+
+
 def test_clipping_a_fused_optimizer_in_mixed_precision_is_refused(tmp_path: Path) -> None:
     """Lightning would stop at the first step; the experiments that clip use unfused optimizers."""
     bf16 = ["trainer.precision=bf16-mixed", "model.net.weights=none", "data.preload=false"]
