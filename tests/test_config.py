@@ -219,6 +219,8 @@ def test_clipping_a_fused_optimizer_in_mixed_precision_is_refused(tmp_path: Path
         ("callbacks.prediction_images.every_n_epochs=0", "every_n_epochs"),
         ("data.batch_size=0", "data.batch_size"),
         ("data.image_size=256", "data.image_size"),
+        ("model.net.image_size=-1", "model.net.image_size=-1: allowed values are integers >= 64"),
+        ("model.net.image_size=10", "model.net.image_size=10"),
         ("ckpt_path=/no/such.ckpt", "ckpt_path"),
     ],
 )

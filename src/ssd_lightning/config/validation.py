@@ -23,6 +23,7 @@ from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.config.paths import available_options
 from ssd_lightning.core.anchors import anchor_pairs
 from ssd_lightning.core.backbone import NUM_FEATURE_MAPS
+from ssd_lightning.core.ssd import net_int_error
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -111,7 +112,10 @@ def validate_config(cfg: DictConfig) -> None:
     errors += _optimizer_errors(cfg)
     errors += _scheduler_errors(cfg)
     data_size, net_size = _get(cfg, "data.image_size"), _get(cfg, "model.net.image_size")
-    if data_size is not None and net_size is not None and data_size != net_size:
+    size_error = net_int_error("image_size", net_size) if net_size is not None else None
+    if size_error:  # the size typed, named as typed (data.image_size follows it)
+        errors.append(size_error)
+    elif data_size is not None and net_size is not None and data_size != net_size:
         errors.append(
             f"data.image_size={data_size} but model.net.image_size={net_size}: the images must be "
             "resized to the network input; set both (data.image_size follows model.net.image_size "

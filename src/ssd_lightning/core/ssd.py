@@ -17,6 +17,23 @@ from ssd_lightning.core.postprocess import PREDICT_DEFAULTS, postprocess
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# the integer settings of model.net: (smallest allowed value, what it means)
+_NET_INTS = {
+    "num_classes": (2, "background + at least one class"),
+    "image_size": (64, "300 is the design"),
+    "feature_channels": (1, "256 is the design"),
+}
+
+
+def net_int_error(key: str, value: object) -> str | None:
+    """The message naming ``model.net.<key>`` if ``value`` is not an allowed integer, else None.
+    Also asked by the config validation, before the DataModule (whose ``data.image_size`` follows
+    ``model.net.image_size``) would report a bad size under its own key and bound."""
+    low, meaning = _NET_INTS[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        return f"model.net.{key}={value!r}: allowed values are integers >= {low} ({meaning})"
+    return None
+
 
 class SSD(nn.Module):
     """images (B, 3, S, S) float in [0, 1] -> loc (B, N, 4) offsets, logits (B, N, num_classes).
@@ -35,15 +52,14 @@ class SSD(nn.Module):
         feature_channels: int = 256,
     ):
         super().__init__()
-        for key, value, low, meaning in (
-            ("num_classes", num_classes, 2, "background + at least one class"),
-            ("image_size", image_size, 64, "300 is the design"),
-            ("feature_channels", feature_channels, 1, "256 is the design"),
+        for key, value in (
+            ("num_classes", num_classes),
+            ("image_size", image_size),
+            ("feature_channels", feature_channels),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(
-                    f"model.net.{key}={value!r}: allowed values are integers >= {low} ({meaning})"
-                )
+            error = net_int_error(key, value)
+            if error:
+                raise ValueError(error)
         anchors = to_plain(anchors)
         self.config = {
             "anchors": anchors,
