@@ -177,6 +177,16 @@ def test_long_runs_validate_every_few_epochs(tmp_path: Path) -> None:
     assert resolvers.validation_interval(None) == resolvers.validation_interval(-1) == 1
 
 
+def test_no_callbacks_means_no_checkpoints(tmp_path: Path) -> None:
+    """callbacks=none writes no checkpoint: Lightning would add its own ModelCheckpoint (a whole
+    training state per epoch under <run dir>/<logger>/checkpoints/) where none is configured."""
+    fast = ["model.net.weights=none", "data.preload=false", "trainer=cpu"]
+    _, _, trainer = build(make_cfg([*fast, "callbacks=none"], tmp_path / "none"))
+    assert trainer.checkpoint_callbacks == []
+    _, _, trainer = build(make_cfg(fast, tmp_path / "default"))
+    assert trainer.checkpoint_callbacks  # the run's own: best model, last.ckpt
+
+
 def test_max_steps_is_a_trainer_key(tmp_path: Path) -> None:
     """trainer.max_steps is typed like any trainer key (no `+`), and it is the length the
     open-ended run's refusal asks for: the schedule then spans max_steps."""

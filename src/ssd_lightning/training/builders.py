@@ -11,7 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig
 
 from ssd_lightning.config.compose import instantiate_checked
@@ -63,11 +63,19 @@ def build(
     module = instantiate_checked(cfg.model, "model", run_info=run_info(cfg))
     loggers = build_loggers(cfg)
     callbacks = [*build_callbacks(cfg, has_logger=bool(loggers)), *extra_callbacks]
+    checkpointing: dict[str, bool] = {}
+    if "enable_checkpointing" not in cfg.trainer and not any(
+        isinstance(cb, ModelCheckpoint) for cb in callbacks
+    ):
+        # without a checkpoint callback (callbacks=none) Lightning adds its own, which writes a
+        # whole training state (~380 MB) per epoch that nothing reads: none means none
+        checkpointing["enable_checkpointing"] = False
     trainer = instantiate_checked(
         cfg.trainer,
         "trainer",
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[RunCheckpointIO()],  # atomic checkpoint writes, weights-only reads
+        **checkpointing,
     )
     return module, datamodule, trainer
