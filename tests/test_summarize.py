@@ -184,3 +184,17 @@ def test_broken_job_files_are_a_failed_job_not_a_crash(tmp_path: Path) -> None:
     jobs = {j.name: j for j in find_jobs(tmp_path)}
     assert jobs["0"].status == FAILED and "not an object" in jobs["0"].note
     assert jobs["1"].status == OK
+
+
+def test_other_tools_runs_are_no_jobs(tmp_path: Path) -> None:
+    """An evaluate / predict / export run dir beside the training runs (outputs/evaluate/...)
+    is no training job: left out, not listed as a failed one."""
+    for name, config in (("train", "train"), ("eval", "evaluate"), ("export", "export")):
+        job = tmp_path / name
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text("- seed=1\n")
+        (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    config_name: {config}\n")
+    (tmp_path / "train" / "metrics.json").write_text('{"val/map": 0.5}')
+    assert [(j.name, j.status) for j in find_jobs(tmp_path)] == [("train", OK)]
+    with pytest.raises(FileNotFoundError, match="no training job dirs"):
+        find_jobs(tmp_path / "eval")

@@ -150,6 +150,14 @@ def find_jobs(multirun_dir: str | Path) -> list[Job]:
             f"{root}: no Hydra job dirs (folders with .hydra/overrides.yaml); pass the sweep dir, "
             "e.g. outputs/multirun/<date>/<time>"
         )
+    # evaluate / predict / export runs are Hydra job dirs too (outputs/evaluate/..., or a
+    # hydra.run.dir beside the training runs): no training job, so not a failed one either
+    job_dirs = [d for d in job_dirs if _config_name(d) in (None, "train")]
+    if not job_dirs:
+        raise FileNotFoundError(
+            f"{root}: no training job dirs (only evaluate / predict / export runs); pass the "
+            "sweep dir, e.g. outputs/multirun/<date>/<time>"
+        )
     jobs = []
     for d in job_dirs:
         job = Job(name=str(d.relative_to(root)) or ".", path=d, overrides=_read_overrides(d))
@@ -283,10 +291,20 @@ def _plot(jobs: Sequence[Job], metric: str, title: str) -> Any:
     return plot_summary(labels, values, metric, notes, title)
 
 
+def _config_name(job_dir: Path) -> str | None:
+    """The Hydra config the job ran (train, evaluate, predict, export); None when unknown."""
+    name = _hydra_file_value(job_dir, "hydra.yaml", "hydra.job.config_name")
+    return name if isinstance(name, str) else None
+
+
 def _job_config(job: Job, name: str, key: str) -> Any:
     """A value of the job's composed config (``.hydra/config.yaml`` or ``hydra.yaml``)."""
+    return _hydra_file_value(job.path, name, key)
+
+
+def _hydra_file_value(job_dir: Path, name: str, key: str) -> Any:
     try:
-        node = yaml.safe_load((job.path / ".hydra" / name).read_text()) or {}
+        node = yaml.safe_load((job_dir / ".hydra" / name).read_text()) or {}
     except (OSError, ValueError, yaml.YAMLError):
         return None
     for part in key.split("."):
