@@ -9,6 +9,8 @@ from torchvision.ops import box_convert
 from ssd_lightning.config.paths import available_options, load_option
 from ssd_lightning.core.anchors import (
     anchor_pairs,
+    compact_base,
+    fitted_override_note,
     generate_anchors,
 )
 from ssd_lightning.core.ssd import SSD
@@ -112,6 +114,13 @@ def test_scales_or_ratios_on_a_fitted_preset_build_on_the_preset_behind_it():
         assert anchor_pairs({**preset, **override}) == anchor_pairs({**base, **override})
     with pytest.raises(ValueError, match="anchors.ratios: every value must be"):
         anchor_pairs({**preset, "ratios": [-1.0]})
+    # what builds the anchors, and the run's log line saying so
+    assert compact_base({**preset, "ratios": [0.5]}) == {**preset["fitted_from"], "ratios": [0.5]}
+    assert compact_base(preset) == dict(preset["fitted_from"])
+    assert fitted_override_note(preset) is None
+    note = fitted_override_note({**preset, "ratios": [0.5]})
+    assert note.startswith("anchors.ratios given: preset pennfudan_fitted's fitted pairs")
     bare = {k: v for k, v in preset.items() if k != "fitted_from"}
+    assert compact_base(bare) is None
     with pytest.raises(ValueError, match="anchors.ratios .*explicit `pairs`.*anchors=tall_skinny"):
         anchor_pairs({**bare, "ratios": [0.5]})

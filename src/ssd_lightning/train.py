@@ -36,6 +36,7 @@ from ssd_lightning.config.cli import exit_with_error, hydra_main, message_of
 from ssd_lightning.config.errors import ConfigError, RunInterrupted
 from ssd_lightning.config.job_status import write_job_status
 from ssd_lightning.config.validation import validate_config
+from ssd_lightning.core.anchors import fitted_override_note
 from ssd_lightning.evaluate import evaluate, run_eval_config
 from ssd_lightning.tools.search import check_objective, objective_value
 from ssd_lightning.training.builders import build
@@ -219,6 +220,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if print_config:
             log.info("config (%s):\n%s", output_dir / RESOLVED_CONFIG_FILE, resolved_yaml(cfg))
     log.info("run dir: %s (overrides: %s)", output_dir, " ".join(_task_overrides()) or "none")
+    note = fitted_override_note(OmegaConf.to_container(cfg.anchors, resolve=True))
+    if note:
+        log.info(note)
     if ckpt_path is not None:
         log.info("resuming from %s", ckpt_path)
         # expected on a resume: the DataModule continues the data stream itself (its

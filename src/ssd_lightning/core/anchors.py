@@ -23,7 +23,6 @@ every preset that has scales and ratios behind it.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -33,8 +32,8 @@ from torchvision.ops import box_convert
 
 AnchorPairs = list[list[tuple[float, float]]]
 
-log = logging.getLogger(__name__)
-_said: set[str] = set()
+# the keys of a compact preset; given to an explicit one, they build on its fitted_from
+COMPACT_KEYS = ("scales", "ratios", "extra_square")
 
 
 def _check_positive(values: Sequence[float], key: str) -> None:
@@ -43,31 +42,51 @@ def _check_positive(values: Sequence[float], key: str) -> None:
             raise ValueError(f"{key}: every value must be a finite number > 0, got {v!r}")
 
 
+def _compact_overrides(cfg: Mapping) -> list[str]:
+    """The compact keys given to an explicit (pairs) preset."""
+    if cfg.get("pairs") is None:
+        return []
+    return [k for k in COMPACT_KEYS if cfg.get(k) is not None]
+
+
+def compact_base(cfg: Mapping) -> dict | None:
+    """The scales + ratios preset behind ``cfg``: itself, or for an explicit preset its
+    ``fitted_from`` with the compact keys given to it (None: explicit pairs alone)."""
+    if cfg.get("pairs") is None:
+        merged = dict(cfg)
+    elif cfg.get("fitted_from") is not None:
+        merged = {**cfg["fitted_from"], **{k: cfg[k] for k in _compact_overrides(cfg)}}
+    else:
+        return None
+    return {k: merged[k] for k in ("name", *COMPACT_KEYS) if merged.get(k) is not None}
+
+
+def fitted_override_note(cfg: Mapping) -> str | None:
+    """A sentence for the run's log where compact keys given to a fitted preset replace its pairs
+    (None where they do not): the preset's name alone would hide it."""
+    compact, base = _compact_overrides(cfg), cfg.get("fitted_from")
+    if not compact or base is None:
+        return None
+    return (
+        f"anchors.{' and anchors.'.join(compact)} given: preset {cfg.get('name', '?')}'s fitted "
+        f"pairs give way to the scales + ratios of {base.get('name', '?')}, the preset they were "
+        "fitted from"
+    )
+
+
 def anchor_pairs(cfg: Mapping) -> AnchorPairs:
     """Expand an anchor preset into per-map (scale, ratio) pairs, validating it on the way."""
     name = cfg.get("name", "?")
     if cfg.get("pairs") is not None:
-        compact = [k for k in ("scales", "ratios", "extra_square") if cfg.get(k) is not None]
-        base = cfg.get("fitted_from")
-        if compact and base is None:
+        compact = _compact_overrides(cfg)
+        if compact and cfg.get("fitted_from") is None:
             raise ValueError(
                 f"anchors.{compact[0]} (preset {name}): this preset lists explicit `pairs`, so "
                 "scales and ratios do not apply; start from a scales + ratios preset instead, "
                 "e.g. anchors=tall_skinny anchors.ratios=[0.5,0.33]"
             )
         if compact:
-            message = (
-                f"anchors.{' and anchors.'.join(compact)} given: preset {name}'s fitted pairs "
-                f"give way to the scales + ratios of {base.get('name', '?')}, the preset they "
-                "were fitted from"
-            )
-            if message not in _said:  # the config is expanded more than once per run
-                _said.add(message)
-                log.info(message)
-            keys = ("scales", "ratios", "extra_square")
-            given = {k: cfg.get(k) if cfg.get(k) is not None else base.get(k) for k in keys}
-            name = f"{name} with anchors.{compact[0]}"
-            return anchor_pairs({"name": name, **{k: v for k, v in given.items() if v is not None}})
+            return anchor_pairs(compact_base(cfg))
         pairs = [[(float(s), float(r)) for s, r in level] for level in cfg["pairs"]]
         for m, level in enumerate(pairs):
             if not level:

@@ -27,7 +27,14 @@ from ssd_lightning.config.compose import compose, instantiate_checked
 from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.config.paths import config_dir, project_root
 from ssd_lightning.config.validation import validate_config
-from ssd_lightning.core.anchors import AnchorPairs, anchor_pairs, generate_anchors
+from ssd_lightning.core.anchors import (
+    COMPACT_KEYS,
+    AnchorPairs,
+    anchor_pairs,
+    compact_base,
+    fitted_override_note,
+    generate_anchors,
+)
 from ssd_lightning.core.backbone import ResNet34Backbone
 from ssd_lightning.visualize import plot_anchor_shapes
 
@@ -191,7 +198,7 @@ def fit(cfg: DictConfig, name: str, seeds: int = 8, gt: Tensor | None = None) ->
         "clip": clip,
         "pairs": [[[round(s, 4), round(r, 4)] for s, r in level] for level in pairs],
     }
-    base = _compact_base(anchors_cfg)
+    base = compact_base(anchors_cfg)
     if base is not None:  # what an anchors.scales / anchors.ratios override builds on
         preset["fitted_from"] = base
     return {
@@ -202,15 +209,6 @@ def fit(cfg: DictConfig, name: str, seeds: int = 8, gt: Tensor | None = None) ->
         "started_from": anchors_cfg.get("name", "?"),
         "gt_wh": gt[:, 2:] - gt[:, :2],
     }
-
-
-def _compact_base(anchors_cfg: dict) -> dict | None:
-    """The scales + ratios preset behind ``anchors_cfg``: itself, or the one an explicit preset
-    was fitted from (None: explicit pairs all the way)."""
-    if anchors_cfg.get("pairs") is not None:
-        return anchors_cfg.get("fitted_from")
-    keys = ("name", "scales", "ratios", "extra_square")
-    return {k: anchors_cfg[k] for k in keys if anchors_cfg.get(k) is not None}
 
 
 def write_preset(result: dict, directory: Path, force: bool = False) -> Path:
@@ -228,7 +226,7 @@ def write_preset(result: dict, directory: Path, force: bool = False) -> Path:
     )
     # scales / ratios present but null: an override of either is accepted by Hydra (not "not in
     # struct") and builds on fitted_from (see core.anchors)
-    body = {**preset, "scales": None, "ratios": None, "extra_square": None}
+    body = {**preset, **dict.fromkeys(COMPACT_KEYS)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(header + yaml.safe_dump(body, default_flow_style=None, sort_keys=False))
     return path
@@ -236,6 +234,9 @@ def write_preset(result: dict, directory: Path, force: bool = False) -> Path:
 
 def _report(cfg: DictConfig, gt: Tensor, figure: Path | None) -> None:
     rep = report(cfg, gt)
+    note = fitted_override_note(OmegaConf.to_container(cfg.anchors, resolve=True))
+    if note:
+        print(note)
     print(format_report(rep))
     if figure:
         pairs = anchor_pairs(OmegaConf.to_container(cfg.anchors, resolve=True))
