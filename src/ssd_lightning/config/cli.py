@@ -120,10 +120,11 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
     """The ``main()`` of a Hydra tool: ``conf/<config_name>.yaml``, library logs routed, user
     mistakes reported as one message (exit 2; in a sweep: the job FAILED, the sweep goes on)."""
 
-    started = [False]  # whether Hydra got as far as the task
+    started = False  # whether Hydra got as far as the task
 
     def run(cfg: DictConfig) -> Any:
-        started[0] = True
+        nonlocal started
+        started = True
         route_library_logs()
         try:
             try:
@@ -146,12 +147,13 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
             raise JobFailed(f"Run failed: {e}") from None
 
     def main() -> None:
+        nonlocal started
         try:
             path = str(config_dir())
             check_plugins(sys.argv[1:])
         except (ConfigError, MissingDependencyError) as e:
             exit_with_error(e, kind_of(e))
-        started[0] = False
+        started = False
         try:
             hydra.main(version_base="1.3", config_path=path, config_name=config_name)(run)()
         except RunInterrupted as e:  # saved and recorded by the task; a sweep stops here too
@@ -161,7 +163,7 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
             # Hydra reports its own errors (an unknown key, a malformed override, an option no
             # group has) in one message with exit status 1; before any task ran, that is a
             # mistake on the command line: exit status 2, as every other one
-            if e.code == 1 and not started[0]:
+            if e.code == 1 and not started:
                 sys.exit(2)
             raise
 
