@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 from conftest import PENNFUDAN, make_cfg, run_cli, tiny
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.config.paths import load_option
 from ssd_lightning.core.ssd import SSD
+from ssd_lightning.data.class_match import match_classes
 from ssd_lightning.evaluate import evaluate
 from ssd_lightning.train import train
 from ssd_lightning.training.checkpoint import export_model, load_model
@@ -36,6 +39,7 @@ def _bg(*names: str) -> list[str]:
         ("abc", "cab", [0, 3, 1, 2]),  # another export of the same classes: by name
         ("xabc", "cab", [0, 4, 2, 3]),  # the model has a class more (a placeholder it trained)
         ("abc", "abx", None),  # a renamed class: by label (warned)
+        ("abc", "bax", [0, 2, 1, 3]),  # both at once
     ],
 )
 def test_model_labels_match_by_name(model, data, labels, caplog):
@@ -43,8 +47,9 @@ def test_model_labels_match_by_name(model, data, labels, caplog):
         assert model_labels(_bg(*model), _bg(*data), "ckpt_path=m.pt") == labels
     if labels:
         assert "ckpt_path=m.pt: the data's classes matched to the model's by name" in caplog.text
-    if data == "abx":
-        assert "model's classes (a, b, c) and the data's (a, b, x) differ in name" in caplog.text
+    if "x" in data:
+        both = f"model's classes (a, b, c) and the data's ({', '.join(data)}) differ in name"
+        assert both in caplog.text and "matched by label: x as c" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -169,3 +174,22 @@ def test_a_resumed_run_trains_the_checkpoints_classes(tmp_path, scored, caplog):
     assert metrics["status"] == "completed" and scored == COUNTS
     assert f"resume={run}: the data's classes matched to the model's by name" in caplog.text
     assert load_model(run / "checkpoints" / "last.ckpt")[1]["class_names"] == _bg(*"abc")
+
+
+@given(st.permutations("abcdef"), st.integers(0, 6))
+def test_match_classes_recovers_a_renumbering_and_renames_by_number(order, renamed):
+    # another export of the same classes (ids 10.., in another order), ``renamed`` of them
+    # renamed: the others are found by name, the renamed ones by their id
+    ref = list("abcdef")
+    keys = [10 + ref.index(n) for n in order]
+    names = [n.upper() if i < renamed else n for i, n in enumerate(order)]
+    label_of, by_key = match_classes(keys, names, [10 + i for i in range(6)], ref)
+    assert label_of == {c: c - 9 for c in keys}
+    assert by_key == keys[:renamed]
+
+
+def test_match_classes_leaves_a_class_whose_number_another_took_by_name():
+    # x's label 1 went to a (matched by name from label 2): x matches neither way
+    assert match_classes([1, 2], ["x", "a"], [1, 2], ["a", "b"]) == ({2: 1}, [])
+    # a name twice on one side means no single class: by number instead
+    assert match_classes([1, 2], ["a", "a"], [1, 2], ["a", "b"]) == ({1: 1, 2: 2}, [1, 2])

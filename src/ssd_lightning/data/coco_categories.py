@@ -1,9 +1,10 @@
 """A COCO file's ``categories`` -> the dataset's classes: category ids of any value become the
 contiguous labels 1..K in ascending id order (0 = background), ``class_names[label]`` the
-category's name; a val file's categories are matched to the training file's by name (a separate
-export of the same classes may number them otherwise). A training file's placeholder category
-(Roboflow exports the dataset's name as category 0, the ``supercategory`` of every real one, with
-no annotation) is no class: it would only cost a head output and show as an n/a row of AP.
+category's name; a val file's categories are matched to the training file's by name
+(``data.class_match``: a separate export of the same classes may number them otherwise). A
+training file's placeholder category (Roboflow exports the dataset's name as category 0, the
+``supercategory`` of every real one, with no annotation) is no class: it would only cost a head
+output and show as an n/a row of AP.
 
 Checks raise a ``ValueError`` naming the entry (``categories[3]: ...``); the reader
 (``data.coco.read_coco``) adds the file.
@@ -15,6 +16,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ssd_lightning.data.class_match import match_classes
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +74,20 @@ def match_categories(
     ref_path: Path,
 ) -> dict[int, int]:
     """The training file's label of each of this file's category ids (``ref_ids`` / ``ref_names``:
-    the training file's, in label order): by name (the names travel with the model, and a
-    separate export of the same classes may number them otherwise), else by id for a category
-    renamed here; a category found neither way gets none (its annotations are refused, by name).
-    Both kinds of match that differ from the ids are logged."""
-    by_name = {n: k for k, n in enumerate(ref_names, start=1) if ref_names.count(n) == 1}
-    by_id = {c: k for k, c in enumerate(ref_ids, start=1)}
-    label_of = {c: by_name[n] for c, n in zip(ids, names, strict=True) if n in by_name}
-    taken = set(label_of.values())
-    for c, n in zip(ids, names, strict=True):
-        if c not in label_of and c in by_id and by_id[c] not in taken:
-            label_of[c] = by_id[c]
-            log.warning(
-                "%s: category id %s is %r here but %r in %s; matched by id",
-                path,
-                c,
-                n,
-                ref_names[by_id[c] - 1],
-                ref_path,
-            )
+    the training file's, in label order), by ``class_match.match_classes``: by name, else by id
+    for a category renamed here; a category found neither way gets none (its annotations are
+    refused, by name). Both kinds of match that differ from the ids are logged."""
+    label_of, by_id = match_classes(ids, names, ref_ids, ref_names)
+    own_name = dict(zip(ids, names, strict=True))
+    for c in by_id:
+        log.warning(
+            "%s: category id %s is %r here but %r in %s; matched by id",
+            path,
+            c,
+            own_name[c],
+            ref_names[label_of[c] - 1],
+            ref_path,
+        )
     moved = [
         f"{n} {c} -> {ref_ids[label_of[c] - 1]}"
         for c, n in zip(ids, names, strict=True)
