@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MANIFEST, PENNFUDAN, SPLIT
+from conftest import MANIFEST, PENNFUDAN, SPLIT, run_cli
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
@@ -240,3 +240,10 @@ def test_manifest_cli_check(capsys):
     main(["--root", str(PENNFUDAN)])
     assert "340 files OK" in capsys.readouterr().out
     assert json.loads(MANIFEST.read_text())["dataset"] == "PennFudanPed"
+
+
+def test_manifest_cli_mistake_is_one_message_and_exit_status_2(tmp_path):
+    r = run_cli("ssd_lightning.data.manifest", "--root", str(tmp_path / "nowhere"))
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and "nowhere" in r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()][0].startswith("Data error:")

@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
+    # config.cli imports this package (its error types): imported here, not at the top
     from ssd_lightning.config.cli import run_tool  # a mistake: one message, exit status 2
 
     run_tool(main)

@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import random
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -177,12 +176,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         _write_json(manifest, build_manifest(root))
         _write_json(split, build_split(list_image_names(root), seed=args.seed))
         print(f"wrote {manifest} and {split}")
-    try:
-        n = verify_dataset(root, manifest, full=args.full)
-    except DatasetIntegrityError as e:
-        sys.exit(f"Data error: {e}")
+    n = verify_dataset(root, manifest, full=args.full)  # a DatasetIntegrityError names the file
     print(f"{n} files OK ({'sha256' if args.full else 'names + sizes'})")
 
 
 if __name__ == "__main__":
-    main()
+    # config.cli imports this package (its error types): imported here, not at the top. The
+    # package's own copy of this module runs, so its DatasetIntegrityError is the one config.cli
+    # knows (this __main__ copy has a class of its own)
+    from ssd_lightning.config.cli import run_tool  # a mistake: one message, exit status 2
+    from ssd_lightning.data import manifest
+
+    run_tool(manifest.main)
