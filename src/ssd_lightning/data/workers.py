@@ -4,7 +4,7 @@ A cluster's time limit or Ctrl-C signals the whole process group. The main proce
 its batch, saves and shuts the workers down; a worker must not die of the signal first, or the
 main process fails with "DataLoader worker exited unexpectedly" instead of saving. torch installs
 its own SIGTERM handler in a new worker (one that kills the worker) before the worker_init_fn can
-ignore the signal, so a signal in that window used to kill it: workers now start with SIGINT and
+ignore the signal, and a signal in that window would kill it: so workers start with SIGINT and
 SIGTERM blocked, and ``ignore_stop_signals`` ignores, then unblocks them.
 """
 
