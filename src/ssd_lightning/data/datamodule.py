@@ -281,7 +281,3 @@ class DetectionDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         self.setup("test")
         return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        self.setup("predict")
-        return self._loader(self.test_set, train=False)

@@ -363,15 +363,6 @@ class SSDLitModule(L.LightningModule):
             self.log(f"val/{k}", value, prog_bar=k == "map_50", sync_dist=True)
 
     # ---------------------------------------------------------------------------------------------
-    def predict_step(
-        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> list[dict[str, Any]]:
-        """Detections per image, boxes xyxy in original image pixels (prediction thresholds)."""
-        dets = self.eval_net.detect(batch.images, batch.orig_sizes, **self.predict_cfg)
-        names = getattr(batch, "names", None) or [None] * len(dets)
-        return [{**d, "name": n} for d, n in zip(dets, names, strict=True)]
-
-    # ---------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         factory = self.optimizer_factory or (
             lambda params: torch.optim.Adam(params, lr=1e-3, fused=True)
