@@ -25,13 +25,9 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 onnx = pytest.importorskip("onnx")
 
-from ssd_lightning.export import export  # noqa: E402
 from ssd_lightning.predict import predict  # noqa: E402
-from ssd_lightning.tools.onnx_export import (  # noqa: E402
-    check_export_options,
-    export_model,
-    export_onnx,
-)
+from ssd_lightning.tools.export import check_export_options, export, export_model  # noqa: E402
+from ssd_lightning.tools.onnx_export import export_onnx  # noqa: E402
 from ssd_lightning.tools.onnx_parity import compare_detections  # noqa: E402
 from ssd_lightning.tools.onnx_runtime import (  # noqa: E402
     DETECTOR,

@@ -13,41 +13,8 @@ Examples::
     python -m ssd_lightning.predict ckpt_path=ship/last.onnx input=street.jpg
 """
 
-from __future__ import annotations
-
-from typing import Any
-
-from omegaconf import DictConfig
-
 from ssd_lightning.config.cli import hydra_main
-from ssd_lightning.tools.onnx_export import export_model
-from ssd_lightning.tools.onnx_parity import parity_summary
-
-
-def export(cfg: DictConfig) -> dict[str, Any]:
-    check = cfg.get("check") or {}
-    meta = export_model(
-        cfg.ckpt_path,
-        cfg.output_dir,
-        fmt=str(cfg.format),
-        opset=cfg.opset,
-        name=cfg.get("name"),
-        thresholds={k: cfg.get(k) for k in ("score_threshold", "nms_threshold", "top_k")},
-        check_folder=check.get("images") if check.get("enabled", True) else None,
-        check_count=int(check.get("num_images", 8)),
-    )
-    for kind, path in meta["files"].items():
-        print(f"{kind:11s} {path}")
-    parity = meta.get("parity")
-    if parity:
-        print(f"parity with PyTorch on {parity['images']} images of {parity['folder']}:")
-        print(parity_summary(parity))
-    print(
-        f"predict with it: python -m ssd_lightning.predict ckpt_path={meta['files']['detector']} "
-        "input=<image or folder>"
-    )
-    return meta
-
+from ssd_lightning.tools.export import export
 
 main = hydra_main("export", export)
 

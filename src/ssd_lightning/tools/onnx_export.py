@@ -1,4 +1,4 @@
-"""A trained SSD as ONNX files (``python -m ssd_lightning.export``), checked in onnxruntime.
+"""A trained SSD as ONNX graphs (the export tool, ``tools.export``, checks them in onnxruntime).
 
 Three graphs, each with a dynamic batch axis B; network + postprocess = detector:
 
@@ -33,17 +33,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssd_lightning.config.errors import ConfigError, ExportCheckError
+from ssd_lightning.config.errors import ExportCheckError
 from ssd_lightning.config.extras import require
 from ssd_lightning.core.box_coding import VARIANCES
-from ssd_lightning.core.postprocess import check_thresholds, select_detections
+from ssd_lightning.core.postprocess import select_detections
 from ssd_lightning.core.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD
 from ssd_lightning.data.dataset import CLASS_NAMES
-from ssd_lightning.tools.onnx_parity import check_images, check_parity, parity_summary
 from ssd_lightning.tools.onnx_runtime import DETECTOR, METADATA_KEY, NETWORK, POSTPROCESS
-from ssd_lightning.training.checkpoint import load_model
 
-FORMATS = ("onnx",)
 MIN_OPSET = 18  # the exporter's own opsets; lower ones go through a lossy version converter
 
 
@@ -242,73 +239,3 @@ def export_onnx(
             meta_graph = meta | {"graph": graph}
             _export_graph(module, args, files[graph], (inputs, outputs), opset, meta_graph)
     return meta | {"files": {k: str(v) for k, v in files.items()}}
-
-
-def newest_opset() -> int:
-    """The newest opset the installed onnx knows: the exporter's version converter cannot go past
-    it (it then keeps its own opset 18 and says nothing)."""
-    return int(require("onnx", "onnx", "onnx", "ONNX export").defs.onnx_opset_version())
-
-
-def check_export_options(fmt: str, opset: Any, stem: str | None) -> None:
-    if fmt not in FORMATS:
-        raise ConfigError(f"format={fmt!r}: allowed values are {', '.join(FORMATS)}")
-    if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
-        raise ConfigError(f"opset={opset!r}: allowed values are integers >= {MIN_OPSET}")
-    if opset > (newest := newest_opset()):
-        raise ConfigError(
-            f"opset={opset}: allowed values are {MIN_OPSET}..{newest} (the newest this onnx knows)"
-        )
-    if stem is not None and (not stem or "/" in stem or stem.startswith(".")):
-        raise ConfigError(f"name={stem!r}: a file name without folders (e.g. ssd_pennfudan)")
-
-
-def export_model(
-    ckpt_path: str | Path,
-    out_dir: str | Path,
-    fmt: str = "onnx",
-    opset: int = MIN_OPSET,
-    name: str | None = None,
-    thresholds: Mapping[str, Any] | None = None,
-    check_folder: str | Path | None = None,
-    check_count: int = 8,
-) -> dict[str, Any]:
-    """Export the model of a ``.ckpt`` / ``.pt`` file; thresholds default to those stored with
-    the model (its ``predict`` ones). With ``check_folder``, the parity check on its images runs
-    (an ``ExportCheckError`` when it fails; the files stay, for a look). Returns the sidecar."""
-    check_export_options(fmt, opset, name)
-    given = {k: v for k, v in (thresholds or {}).items() if v is not None}
-    try:
-        given = check_thresholds(given, "export")
-    except ValueError as e:
-        raise ConfigError(str(e).removeprefix("export.")) from None
-    if check_folder is not None:
-        require(
-            "onnxruntime", "onnxruntime", "onnx", "the parity check (check.enabled=false skips it)"
-        )
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output_dir={out}: is a file, not a folder")
-    try:  # before the model loads: a mistake here costs no time
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"output_dir={out}: cannot create it ({e.strerror})") from None
-    net, info = load_model(ckpt_path)
-    stem = name or Path(str(ckpt_path)).stem
-    chosen = {**info["predict"], **given}
-    meta = export_onnx(net, info, out_dir, stem, chosen, opset, source=str(ckpt_path))
-    if check_folder is not None:
-        images, sizes, files = check_images(check_folder, check_count, int(net.image_size))
-        parity = check_parity(net, meta, images, sizes)
-        parity["folder"] = str(check_folder)
-        meta["parity"] = parity
-    sidecar = out / f"{stem}.json"
-    sidecar.write_text(json.dumps(meta, indent=2) + "\n")
-    meta["files"]["sidecar"] = str(sidecar)
-    parity = meta.get("parity")
-    if parity is not None and not parity["ok"]:
-        raise ExportCheckError(
-            f"parity check failed: onnxruntime vs PyTorch on {parity['images']} images of "
-            f"{parity['folder']}:\n{parity_summary(parity)}\nThe files are kept: {sidecar}"
-        )
-    return meta
