@@ -81,13 +81,44 @@ def test_a_config_error_is_printed_once(tmp_path: Path) -> None:
     assert "every value must be" in (tmp_path / "train.log").read_text()  # and in the run's log
 
 
-@pytest.mark.parametrize("tool", ["predict", "export"])
+@pytest.mark.parametrize("tool", ["predict", "export", "anchors"])
 def test_an_unknown_key_is_one_message_and_exit_status_2(tool: str) -> None:
-    # Hydra reports it itself (before any task runs) with exit status 1, the status of a run that
-    # failed; a mistake on the command line is the tools' exit status 2
-    r = run_cli(f"ssd_lightning.{tool}", "no_such_key=1", "ckpt_path=x.pt", "input=y.png")
+    # Hydra reports it itself (before any task runs) over several lines with exit status 1, the
+    # status of a run that failed; a mistake on the command line is the tools' one line and
+    # exit status 2
+    r = run_cli(f"ssd_lightning.{tool}", "no_such_key=1", "ckpt_path=x.pt")
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert r.stderr.count("Could not override 'no_such_key'") == 1 and "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("Config error: Could not override 'no_such_key'"), lines
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "needle"),
+    [
+        ("summarize", (), "multirun_dir"),
+        ("summarize", ("x", "--metric"), "--metric"),
+        ("anchors", ("--seeds", "many"), "--seeds"),
+        ("benchmark", ("--bogus",), "--bogus"),
+    ],
+)
+def test_an_argparse_mistake_is_one_line_and_exit_status_2(
+    tool: str, args: tuple[str, ...], needle: str
+) -> None:
+    r = run_cli(f"ssd_lightning.{tool}", *args)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Config error: "), r.stderr
+    assert needle in lines[0] and "usage:" not in r.stderr
+
+
+def test_a_missing_option_is_one_line_listing_the_options(tmp_path: Path) -> None:
+    r = run_cli("ssd_lightning.train", "anchors=nope", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "anchors/nope" in lines[0], r.stderr
+    assert "dense_tall, pennfudan_fitted, ssd, tall_skinny" in lines[0]
+    assert "search path" not in lines[0]
 
 
 @pytest.mark.parametrize(

@@ -7,17 +7,19 @@ sweep goes on with the next job; the process then exits non-zero at the end. A r
 although its config was fine (``RunFailed``, e.g. non-finite weights) is one message too, exit
 status 1; a run stopped by SIGTERM / SIGINT (``RunInterrupted``) exits 143 / 130 and stops a sweep.
 
-- ``hydra_main(config_name, task)``: the ``main()`` of a Hydra tool (train, evaluate, predict)
+- ``hydra_main(config_name, task)``: the ``main()`` of a Hydra tool (train, evaluate, predict,
+  export)
 - ``run_tool(fn)``: the same error handling for the argparse tools (anchors, summarize, benchmark)
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import hydra
@@ -65,9 +67,36 @@ def kind_of(error: BaseException) -> str:
     return next(kind for types, kind in USER_ERRORS if isinstance(error, types))
 
 
+def hydra_message(error: BaseException) -> str:
+    """Hydra's own error as one line: its sentences (one per line), the list of options it
+    indents under a line ending in ':', then the first line of the OmegaConf error behind it.
+    The config search path Hydra appends is left out: it names no key."""
+    text = str(error).split("Config search path:")[0]
+    parts: list[str] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if line[:1].isspace() and parts:  # an item of the list the line before introduces
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line.strip()
+        else:
+            parts.append(line.strip())
+    cause = error.__cause__
+    if cause is not None and str(cause).strip():
+        first = str(cause).strip().splitlines()[0]
+        if first not in text:
+            parts.append(f"({first})")
+    return " ".join(
+        p if i == len(parts) - 1 or p.endswith((".", ":", ";", ")")) else f"{p}."
+        for i, p in enumerate(parts)
+    )
+
+
 def message_of(error: BaseException | str) -> str:
-    """The error's message for a person. An error re-raised from a DataLoader worker carries the
-    worker's whole traceback in its message; its last line is the original message."""
+    """The error's message for a person, on one line where it is Hydra's (``hydra_message``).
+    An error re-raised from a DataLoader worker carries the worker's whole traceback in its
+    message; its last line is the original message."""
+    if isinstance(error, HydraException):
+        return hydra_message(error)
     text = str(error)
     if "Original Traceback" in text:
         last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
@@ -112,6 +141,33 @@ def _log_to_files(message: str) -> None:
             handler.handle(record)
 
 
+_FULL_ERROR = "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
+
+
+class _HeldStderr:
+    """stderr held back from the start of a Hydra tool until its task starts: a mistake Hydra
+    reports itself before that (an unknown key, a malformed override, an option no group has)
+    comes out over several lines, which ``hydra_main`` replaces by one. Anything else held is
+    passed on as it was. Hydra's and the run's logging go to stdout, so nothing logs into the
+    buffer."""
+
+    def __init__(self) -> None:
+        self.real = sys.stderr
+        self.buffer = io.StringIO()
+        sys.stderr = self.buffer
+
+    def release(self, drop: Sequence[str] = ()) -> None:
+        """stderr back, with what was held less the texts in ``drop``."""
+        if sys.stderr is self.buffer:
+            sys.stderr = self.real
+            text = self.buffer.getvalue()
+            for piece in drop:
+                text = text.replace(piece, "", 1)
+            if text.strip():
+                self.real.write(text)
+                self.real.flush()
+
+
 def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
@@ -121,10 +177,13 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
     mistakes reported as one message (exit 2; in a sweep: the job FAILED, the sweep goes on)."""
 
     started = False  # whether Hydra got as far as the task
+    held: _HeldStderr | None = None
 
     def run(cfg: DictConfig) -> Any:
         nonlocal started
         started = True
+        if held is not None:
+            held.release()
         route_library_logs()
         try:
             try:
@@ -147,13 +206,14 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
             raise JobFailed(f"Run failed: {e}") from None
 
     def main() -> None:
-        nonlocal started
+        nonlocal started, held
         try:
             path = str(config_dir())
             check_plugins(sys.argv[1:])
         except (ConfigError, MissingDependencyError) as e:
             exit_with_error(e, kind_of(e))
         started = False
+        held = _HeldStderr()
         try:
             hydra.main(version_base="1.3", config_path=path, config_name=config_name)(run)()
         except RunInterrupted as e:  # saved and recorded by the task; a sweep stops here too
@@ -161,11 +221,22 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
             sys.exit(e.exit_code)
         except SystemExit as e:
             # Hydra reports its own errors (an unknown key, a malformed override, an option no
-            # group has) in one message with exit status 1; before any task ran, that is a
-            # mistake on the command line: exit status 2, as every other one
+            # group has) over several lines with exit status 1; before any task ran, that is a
+            # mistake on the command line: one line and exit status 2, as every other one.
+            # Hydra exits inside its handler, so the error is the SystemExit's context
             if e.code == 1 and not started:
-                sys.exit(2)
+                error = e.__context__
+                if not isinstance(error, Exception):
+                    held.release()
+                    sys.exit(2)
+                # what Hydra printed of it (anything else held, e.g. a launcher's, is passed on)
+                cause = error.__cause__
+                held.release(drop=[str(error), "" if cause is None else str(cause), _FULL_ERROR])
+                kind = kind_of(error) if isinstance(error, _ALL_USER_ERRORS) else "Config error"
+                exit_with_error(error, kind)
             raise
+        finally:
+            held.release()
 
     return main
 

@@ -1,5 +1,10 @@
 """The error every config mistake becomes: its message names the key and the allowed values."""
 
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the allowed values."""
@@ -28,3 +33,12 @@ class RunInterrupted(BaseException):  # noqa: N818 - like KeyboardInterrupt: not
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + int(signum)
+
+
+class ToolParser(argparse.ArgumentParser):
+    """The argparse tools' parser: a mistake on the command line is a ``ConfigError``, so it ends
+    like every other one (``config.cli``: one line, exit status 2), not with argparse's usage
+    block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message} (--help lists the options)")

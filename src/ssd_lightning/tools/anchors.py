@@ -24,7 +24,7 @@ from torch import Tensor
 from torchvision.ops import box_convert, box_iou
 
 from ssd_lightning.config.compose import compose, instantiate_checked
-from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.config.errors import ConfigError, ToolParser
 from ssd_lightning.config.paths import config_dir, project_root
 from ssd_lightning.config.validation import validate_config
 from ssd_lightning.core.anchors import (
@@ -277,7 +277,7 @@ overrides (key=value, as for training; the groups this tool reads):
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     mode = argv.pop(0) if argv and argv[0] in ("report", "fit") else "report"
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="python -m ssd_lightning.anchors [report|fit]",
         description=__doc__,
         epilog=EPILOG,

@@ -22,7 +22,6 @@ Optuna's ``optimization_results.yaml``, the best trial's job and the command tha
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -35,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from ssd_lightning.config.errors import ToolParser
 from ssd_lightning.config.job_status import read_job_status
 from ssd_lightning.tools.search import SearchResults, read_results, same_value
 from ssd_lightning.visualize import figure_to_png, plot_summary
@@ -427,7 +427,7 @@ def summarize(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="python -m ssd_lightning.summarize",
         description="Summarize a Hydra multirun of ssd_lightning.train: one row per job with its "
         "overrides and final metrics, sorted; writes summary.csv, summary.md, summary.png.",

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import yaml
 
-from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.config.errors import ConfigError, ToolParser
 
 SECTIONS = ("bare", "step", "torchvision", "inference", "data", "fit")
 
@@ -57,7 +57,7 @@ class OptionError(ConfigError):
 
 def parse_options(argv: Sequence[str]) -> Options:
     """``key=value`` pairs (YAML values) -> Options, with device-dependent defaults."""
-    parser = argparse.ArgumentParser(
+    parser = ToolParser(
         prog="python -m ssd_lightning.benchmark",
         description=sys.modules["ssd_lightning.tools.benchmark"].__doc__,  # the package's
         formatter_class=argparse.RawDescriptionHelpFormatter,
