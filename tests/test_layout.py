@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,3 +53,22 @@ def test_the_long_files_named_are_long() -> None:
         name for name in LONG_FILES if len((PACKAGE / name).read_text().splitlines()) <= MAX_LINES
     }
     assert not short, f"no longer over {MAX_LINES} lines: take them off LONG_FILES: {short}"
+
+
+def _layout_block() -> str:
+    developers = (ROOT / "DEVELOPERS.md").read_text()
+    start = developers.index("## Layout")
+    return developers[start : developers.index("\n## ", start + 1)]
+
+
+def test_developers_md_layout_names_every_file_and_only_files_that_exist() -> None:
+    layout = _layout_block()
+    missing = {
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "__init__.py" and not re.search(rf"\b{path.stem}\b", layout)
+    }
+    assert not missing, f"not in DEVELOPERS.md's layout: {missing}"
+    named = set(re.findall(r"\b([a-z_]+\.py)\b", layout))
+    existing = {p.name for d in (PACKAGE, ROOT / "tests") for p in d.rglob("*.py")}
+    assert named - existing == set(), "DEVELOPERS.md names files that do not exist"

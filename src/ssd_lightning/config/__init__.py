@@ -8,6 +8,8 @@
 - ``job_status``  the Hydra callback that writes ``<job dir>/job_status.json``
 - ``atomic``      the one way a run's files are written: all or nothing
 - ``cli``         the one error / exit path of every command-line tool
+- ``errors``      the errors a user mistake becomes (``ConfigError``, ...), the tools' parser
+- ``extras``      the optional dependencies, and the one message naming a missing one
 """
 
 from ssd_lightning.config.errors import ConfigError

@@ -1,6 +1,6 @@
 """The detector in plain PyTorch: no Lightning, no Hydra.
 
-Read in this order: anchors -> backbone -> heads -> ssd -> box_coding -> matching -> loss ->
+Read in this order: anchors -> backbone (norm) -> heads -> ssd -> box_coding -> matching -> loss ->
 step -> postprocess. ``plain`` turns config values into plain Python for them.
 """
 

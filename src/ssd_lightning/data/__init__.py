@@ -1,4 +1,4 @@
-"""Penn-Fudan data: manifest check, download, dataset, v2 augmentation, collate, DataModule.
+"""Data: manifest check, download, datasets (Penn-Fudan, COCO), v2 augmentation, DataModules.
 
 Box format at every boundary of this package: xyxy corners in pixels of the image they belong
 to, continuous pixel-edge convention (pixel ``i`` spans ``[i, i + 1)``, so a one-pixel box has
