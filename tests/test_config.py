@@ -197,6 +197,19 @@ def test_max_steps_is_a_trainer_key(tmp_path: Path) -> None:
     validate_config(cfg)
 
 
+def test_one_mistake_is_one_line_several_are_listed(tmp_path: Path) -> None:
+    cfg = make_cfg(["anchors=tall_skinny", "anchors.ratios=[-1.0]"], tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"^invalid configuration: anchors\.ratios: ") as one:
+        validate_config(cfg)
+    assert "\n" not in str(one.value)
+    cfg = make_cfg(["anchors.ratios=[-1.0]", "model.net.image_size=8"], tmp_path / "b")
+    with pytest.raises(ConfigError) as several:
+        validate_config(cfg)
+    lines = str(several.value).splitlines()
+    assert lines[0] == "invalid configuration:" and len(lines) == 3
+    assert all(line.startswith("  - ") for line in lines[1:])
+
+
 def test_clipping_a_fused_optimizer_in_mixed_precision_is_refused(tmp_path: Path) -> None:
     """Lightning would stop at the first step; the experiments that clip use unfused optimizers."""
     bf16 = ["trainer.precision=bf16-mixed", "model.net.weights=none", "data.preload=false"]

@@ -105,7 +105,8 @@ def _scheduler_errors(cfg: DictConfig) -> list[str]:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Check a composed train / evaluate config; raise ``ConfigError`` listing every problem."""
+    """Check a composed train / evaluate config; raise ``ConfigError`` listing every problem (one
+    line for one problem, one line each under a header for several)."""
     errors: list[str] = []
     if _get(cfg, "model.net") is not None:
         errors += _anchor_errors(cfg)
@@ -127,5 +128,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"ckpt_path={ckpt}: no such file (give a .ckpt written by a training run, "
             "e.g. outputs/<date>/<time>/checkpoints/last.ckpt)"
         )
+    if len(errors) == 1:  # one mistake, one line
+        raise ConfigError(f"invalid configuration: {errors[0]}")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
