@@ -101,6 +101,8 @@ def test_options_are_checked() -> None:
         (["device=tpu"], "device"),
         (["precision=fp8"], "precision"),
         (["steps"], "key=value"),
+        (["batch_sizes=[-1]"], r"batch_sizes=\[-1\]"),
+        (["warmup=-1"], "warmup=-1"),
     ):
         with pytest.raises(OptionError, match=match):
             parse_options(bad)

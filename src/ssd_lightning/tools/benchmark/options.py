@@ -100,8 +100,12 @@ def parse_options(argv: Sequence[str]) -> Options:
     for key in ("steps", "repeats", "image_size", "data_samples", "fit_epochs"):
         if int(getattr(opts, key)) < 1:
             raise OptionError(f"benchmark option {key}={getattr(opts, key)}: must be >= 1")
-    if opts.warmup < 0 or not opts.batch_sizes or min(opts.batch_sizes) < 1:
-        raise OptionError("benchmark options: warmup must be >= 0 and batch_sizes >= 1")
+    if opts.warmup < 0:
+        raise OptionError(f"benchmark option warmup={opts.warmup}: must be >= 0")
+    if not opts.batch_sizes or min(opts.batch_sizes) < 1:
+        raise OptionError(
+            f"benchmark option batch_sizes={opts.batch_sizes}: a non-empty list of integers >= 1"
+        )
     if opts.fit_batch_size is None:
         opts.fit_batch_size = opts.batch_sizes[0]
     if opts.out is None:
