@@ -112,6 +112,15 @@ def test_an_argparse_mistake_is_one_line_and_exit_status_2(
     assert needle in lines[0] and "usage:" not in r.stderr
 
 
+@pytest.mark.parametrize("tool", ["train", "anchors"])
+def test_a_malformed_override_is_one_line_naming_it(tool: str) -> None:
+    r = run_cli(f"ssd_lightning.{tool}", "seed=1", "anchors.ratios=[0.5")
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("Config error: anchors.ratios=[0.5: "), lines
+
+
 def test_a_missing_option_is_one_line_listing_the_options(tmp_path: Path) -> None:
     r = run_cli("ssd_lightning.train", "anchors=nope", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])

@@ -24,7 +24,8 @@ from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException, HydraException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import CompactHydraException, HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
@@ -85,10 +86,27 @@ def hydra_message(error: BaseException) -> str:
         first = str(cause).strip().splitlines()[0]
         if first not in text:
             parts.append(f"({first})")
+    if isinstance(error, OverrideParseException):  # Hydra's message names no override
+        bad = _unparsable_override(sys.argv[1:])
+        if bad is not None:
+            parts.insert(0, f"{bad}:")
     return " ".join(
         p if i == len(parts) - 1 or p.endswith((".", ":", ";", ")")) else f"{p}."
         for i, p in enumerate(parts)
     )
+
+
+def _unparsable_override(args: Sequence[str]) -> str | None:
+    """The first command-line override Hydra's grammar refuses (options like ``-m`` aside)."""
+    parser = OverridesParser.create()
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        try:
+            parser.parse_override(arg)
+        except HydraException:  # what parse_override raises for one it refuses
+            return arg
+    return None
 
 
 def message_of(error: BaseException | str) -> str:
