@@ -577,3 +577,6 @@ def test_convert_cli_bad_root_or_split_is_one_message(tmp_path):
         last = [ln for ln in r.stderr.strip().splitlines() if ln.strip()][-1]
         assert last.startswith("Data error:") and message in last, last
     assert not (tmp_path / "out").exists()
+    r = run_cli("ssd_lightning.data.convert", "--split")  # argparse's mistake: one line too
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "--split" in lines[0], r.stderr

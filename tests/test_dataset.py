@@ -247,3 +247,7 @@ def test_manifest_cli_mistake_is_one_message_and_exit_status_2(tmp_path):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr and "nowhere" in r.stderr
     assert [ln for ln in r.stderr.splitlines() if ln.strip()][0].startswith("Data error:")
+    r = run_cli("ssd_lightning.data.manifest", "--bogus")
+    assert r.returncode == 2 and "usage:" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--bogus" in lines[0], r.stderr

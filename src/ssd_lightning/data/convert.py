@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ssd_lightning.config.errors import ToolParser
 from ssd_lightning.config.paths import data_dir
 from ssd_lightning.data.dataset import (
     CLASS_NAMES,
@@ -75,7 +76,11 @@ def pennfudan_to_coco(root: str | Path, names: Sequence[str], first_id: int = 1)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = ToolParser(
+        prog="python -m ssd_lightning.data.convert",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     ap.add_argument("--root", type=Path, help="default: data/PennFudanPed")
     ap.add_argument("--out", type=Path, help="default: data/pennfudan_coco")
     ap.add_argument(

@@ -15,6 +15,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from ssd_lightning.config.errors import ToolParser
 from ssd_lightning.config.paths import data_dir
 
 IMAGE_DIR, MASK_DIR = "PNGImages", "PedMasks"
@@ -161,7 +162,11 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = ToolParser(
+        prog="python -m ssd_lightning.data.manifest",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     ap.add_argument("--root", type=Path, help="default: data/PennFudanPed")
     ap.add_argument("--manifest", type=Path, help="default: data/pennfudan_manifest.json")
     ap.add_argument("--split", type=Path, help="default: data/pennfudan_split.json")
