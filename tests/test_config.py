@@ -19,6 +19,7 @@ from ssd_lightning.config import ConfigError, resolvers
 from ssd_lightning.config.compose import instantiate_checked
 from ssd_lightning.config.paths import config_dir
 from ssd_lightning.config.validation import validate_config
+from ssd_lightning.core.postprocess import EVALUATE_DEFAULTS, PREDICT_DEFAULTS
 from ssd_lightning.training.builders import build, build_callbacks, build_loggers
 
 CONF = ROOT / "conf"
@@ -143,6 +144,18 @@ def test_default_recipe(tmp_path: Path) -> None:
     assert previous.augmentation.name == "safe_crop" and previous.trainer.max_epochs == 360
     assert previous.anchors.name == "tall_skinny"
     assert previous.trainer.check_val_every_n_epoch == 10 and previous.model.ema_decay == 0.995
+
+
+def test_the_configs_show_the_thresholds_postprocess_owns() -> None:
+    # the configs repeat the defaults so that --help and config_resolved.yaml show them; the
+    # code's own (core.postprocess) are the ones predict / export fall back to
+    model = OmegaConf.load(config_dir() / "model" / "ssd_resnet34.yaml")
+    assert OmegaConf.to_container(model.predict) == PREDICT_DEFAULTS
+    assert OmegaConf.to_container(model.evaluate) == EVALUATE_DEFAULTS
+    evaluate = OmegaConf.to_container(OmegaConf.load(config_dir() / "evaluate.yaml").model.evaluate)
+    assert {k: v for k, v in evaluate.items() if k in EVALUATE_DEFAULTS} == {
+        k: v for k, v in EVALUATE_DEFAULTS.items() if k in evaluate
+    }
 
 
 def test_precision_follows_the_device(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
