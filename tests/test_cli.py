@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT, run_cli
 from PIL import Image
 
+from ssd_lightning.config.overrides import quote_paths
 from ssd_lightning.data.images import InputError, read_rgb
 from ssd_lightning.predict import output_names, predict
 from ssd_lightning.training.checkpoint import CheckpointError
@@ -172,3 +173,34 @@ def test_cli_user_mistakes_are_one_message(tiny_run: dict, tmp_path: Path) -> No
     )
     assert r.returncode == 2 and "Data error" in r.stderr and "Traceback" not in r.stderr
     assert "nowhere" in r.stderr
+
+
+def test_paths_hydra_cannot_parse_are_read_as_typed(
+    tiny_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """File names with =, brackets, non-ASCII letters or a leading ~ (zsh leaves key=~/x to the
+    program) are paths, not override syntax errors; valid overrides are left alone."""
+    home = tmp_path / "home"
+    photos = home / "fotos (2024)"
+    photos.mkdir(parents=True)
+    Image.open(PED).convert("RGB").save(photos / "a=b [1] café.jpg")
+    monkeypatch.setenv("HOME", str(home))
+    r = run_cli(
+        "ssd_lightning.predict",
+        f"ckpt_path={tiny_run['dir'] / 'ssd_resnet34_best.pt'}",
+        "input=~/fotos (2024)/a=b [1] café.jpg",
+        f"output_dir={tmp_path / 'out=é'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "out=é" / "detections.json").read_text())
+    assert [Path(i["file"]) for i in result["images"]] == [photos / "a=b [1] café.jpg"]
+    assert (tmp_path / "out=é" / "a=b [1] café_pred.jpg").is_file()
+
+    assert quote_paths(["input=a.jpg,b.jpg", "ckpt_path=null", "data.batch_size=x(", "-m"]) == [
+        "input=a.jpg,b.jpg",
+        "ckpt_path=null",
+        "data.batch_size=x(",
+        "-m",
+    ]
+    assert quote_paths([r"data.root=C:\it's\\"]) == [r"data.root='C:\it\'s\\\\'"]

@@ -40,6 +40,7 @@ from ssd_lightning.config.errors import (
 )
 from ssd_lightning.config.extras import check_plugins
 from ssd_lightning.config.job_status import record_failure
+from ssd_lightning.config.overrides import quote_paths
 from ssd_lightning.config.paths import config_dir
 from ssd_lightning.data.dataset import DatasetReadError
 from ssd_lightning.data.download import DownloadError
@@ -228,6 +229,8 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
         try:
             path = str(config_dir())
             check_plugins(sys.argv[1:])
+            # a path Hydra's grammar cannot read as typed (a=b.jpg, café.jpg, ~/x) means the path
+            sys.argv[1:] = quote_paths(sys.argv[1:])
         except (ConfigError, MissingDependencyError) as e:
             exit_with_error(e, kind_of(e))
         started = False

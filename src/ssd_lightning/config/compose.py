@@ -17,6 +17,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 import ssd_lightning.config.resolvers  # noqa: F401 - registers the ${ssd_*:} resolvers
 from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.config.overrides import quote_paths
 from ssd_lightning.config.paths import config_dir
 
 # what a failing constructor of a group usually means
@@ -44,7 +45,7 @@ def compose(
     """
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(config_dir()), version_base="1.3", job_name=job_name):
-        cfg = hydra_compose(config_name, overrides=list(overrides), return_hydra_config=True)
+        cfg = hydra_compose(config_name, overrides=quote_paths(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with read_write(cfg), open_dict(cfg):
         del cfg["hydra"]
