@@ -120,3 +120,17 @@ def test_the_default_preset_is_what_fit_writes(train_boxes):
     assert result["preset"]["pairs"] == committed["pairs"]
     assert result["preset"]["clip"] == committed["clip"]
     assert result["preset"]["fitted_from"] == committed["fitted_from"]
+
+
+@pytest.mark.parametrize("name", ["../outside", "a b", "", "x/y"])
+def test_fit_refuses_a_name_that_is_no_preset_name(tmp_path, monkeypatch, name):
+    """--name becomes conf/anchors/<name>.yaml and the option anchors=<name>: a path or a space
+    would write elsewhere or a preset no override can select."""
+    conf = tmp_path / "conf"
+    shutil.copytree(config_dir(), conf)
+    monkeypatch.setenv("SSD_LIGHTNING_CONF_DIR", str(conf))
+    before = sorted(p.relative_to(conf) for p in conf.rglob("*"))
+    with pytest.raises(ConfigError, match="--name"):
+        tool.main(["fit", "--name", name, "--seeds", "1", "--figure", str(tmp_path / "f.png")])
+    assert sorted(p.relative_to(conf) for p in conf.rglob("*")) == before
+    assert not (tmp_path / "f.png").exists()

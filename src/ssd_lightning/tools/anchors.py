@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +38,8 @@ from ssd_lightning.core.anchors import (
 )
 from ssd_lightning.core.backbone import ResNet34Backbone
 from ssd_lightning.visualize import plot_anchor_shapes
+
+PRESET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")  # a file name and a Hydra option
 
 
 def training_boxes(cfg: DictConfig) -> Tensor:
@@ -291,6 +294,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
         parser.error(f"unknown option(s) {bad}")
+    if mode == "fit" and not PRESET_NAME.fullmatch(args.name):
+        # the name is a file under conf/anchors/ and the option anchors=<name>: no path, no space
+        raise ConfigError(
+            f"--name {args.name!r}: allowed are letters, digits, _ and - (not first), "
+            "e.g. --name my_fitted"
+        )
     cfg = compose("train", overrides, job_name="anchors")
     validate_config(cfg)
     gt = training_boxes(cfg)
