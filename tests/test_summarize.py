@@ -198,3 +198,18 @@ def test_other_tools_runs_are_no_jobs(tmp_path: Path) -> None:
     assert [(j.name, j.status) for j in find_jobs(tmp_path)] == [("train", OK)]
     with pytest.raises(FileNotFoundError, match="no training job dirs"):
         find_jobs(tmp_path / "eval")
+
+
+def test_a_metric_no_job_has_is_a_clear_error(tmp_path: Path) -> None:
+    """A typo in --metric names the metrics the jobs have instead of ranking every job as
+    'no metric'; a metric that only some jobs have still sorts."""
+    for job, metrics in (("0", {"val/map": 0.5, "val/loss": 2.0}), ("1", {"val/map": 0.4})):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        (tmp_path / job / "metrics.json").write_text(json.dumps(metrics))
+    r = run_cli("ssd_lightning.summarize", str(tmp_path), "--metric", "val/mAP")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--metric val/mAP: no job has it" in r.stderr and "val/map" in r.stderr
+    assert not (tmp_path / "summary.csv").exists()
+    jobs, _ = summarize(tmp_path, metric="val/loss")
+    assert [j.name for j in jobs] == ["0", "1"] and jobs[1].status == "no metric"

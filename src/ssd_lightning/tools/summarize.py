@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from ssd_lightning.config.errors import ToolParser
+from ssd_lightning.config.errors import ConfigError, ToolParser
 from ssd_lightning.config.job_status import read_job_status
 from ssd_lightning.tools.search import SearchResults, read_results, same_value
 from ssd_lightning.visualize import figure_to_png, plot_summary
@@ -130,6 +130,19 @@ def filter_tags(jobs: Sequence[Job], tags: Sequence[str]) -> list[Job]:
             f"{', '.join(found) or 'none'}"
         )
     return kept
+
+
+def check_metric(jobs: Sequence[Job], metric: str) -> None:
+    """A sort key that no job's metrics.json has (a typo: ``--metric val/mAP``) raises
+    ConfigError naming the metrics there are; jobs that wrote no metrics say nothing either way."""
+    keys = dict(METRIC_COLUMNS).get(metric, (metric,))
+    written = [j.metrics for j in jobs if j.metrics]
+    if written and not any(k in m for m in written for k in keys):
+        there = {k for m in written for k, v in m.items() if isinstance(v, int | float)}
+        names = [c for c, _ in METRIC_COLUMNS] + sorted(
+            there - {k for _, ks in METRIC_COLUMNS for k in ks}
+        )
+        raise ConfigError(f"--metric {metric}: no job has it; the metrics: {', '.join(names)}")
 
 
 def find_jobs(multirun_dir: str | Path) -> list[Job]:
@@ -395,6 +408,8 @@ def summarize(
     val/map_50 (descending; losses ascending); ``tags``: only the jobs with all of them."""
     root = Path(multirun_dir)
     found = filter_tags(find_jobs(root), tags)
+    if metric is not None:
+        check_metric(found, metric)
     metric, ascending = sort_order(found, metric, ascending)
     jobs = sort_jobs(found, metric, ascending)
     outdir = Path(out) if out is not None else root
