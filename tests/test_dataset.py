@@ -70,6 +70,8 @@ def test_manifest_errors_name_the_file_and_the_fix(tmp_path):
         verify_dataset(tmp_path, man)
     msg = str(e.value)
     assert "A.png" in msg and "missing" in msg and "B_mask.png" in msg and "git checkout" in msg
+    # a root of the user's own (data.root=<folder>) is told how to read it unchecked
+    assert "data.verify=none data.split=null" in msg
     # same size, different bytes: only the full check sees it
     p = tmp_path / "PedMasks" / "A_mask.png"
     data = bytearray(p.read_bytes())

@@ -23,7 +23,9 @@ SPLIT_SEED, SPLIT_VAL_SIZE = 20240601, 50
 
 _FIX = (
     "Restore the dataset with `git checkout -- data/PennFudanPed` (vendored copy), or set "
-    "data.download=true to fetch the official archive into data.root."
+    "data.download=true to fetch the official archive into data.root. A dataset of your own in "
+    "the Penn-Fudan layout (PNGImages/, PedMasks/) is not checked against the manifest with "
+    "data.verify=none data.split=null (every image under data.root)."
 )
 
 
