@@ -204,3 +204,29 @@ def test_paths_hydra_cannot_parse_are_read_as_typed(
         "-m",
     ]
     assert quote_paths([r"data.root=C:\it's\\"]) == [r"data.root='C:\it\'s\\\\'"]
+
+
+def test_predict_skips_earlier_drawings_and_reports_broken_links(
+    tiny_run: dict, tmp_path: Path
+) -> None:
+    """A folder predicted into once, then predicted again into another output dir, does not
+    detect on its own drawings; a broken link among the photos is listed as skipped, naming
+    the link, not silently left out."""
+    model = tiny_run["dir"] / "ssd_resnet34_best.pt"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.open(PED).convert("RGB").save(photos / "street.jpg")
+    (photos / "gone.jpg").symlink_to(photos / "deleted.jpg")
+    first = predict(model, photos, photos)  # the drawings land beside the photos
+    assert [Path(r["file"]).name for r in first["images"]] == ["street.jpg"]
+    assert (photos / "street_pred.jpg").is_file()
+    assert [Path(s["file"]).name for s in first["skipped"]] == ["gone.jpg"]
+    assert "deleted.jpg, which does not exist" in first["skipped"][0]["error"]
+    second = predict(model, photos, photos / "out")
+    assert [Path(r["file"]).name for r in second["images"]] == ["street.jpg"]
+    assert sorted(p.name for p in (photos / "out").iterdir()) == [
+        "detections.json",
+        "street_pred.jpg",
+    ]
+    with pytest.raises(InputError, match="deleted.jpg, which does not exist"):
+        predict(model, photos / "gone.jpg", tmp_path / "out3")

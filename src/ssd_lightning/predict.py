@@ -47,20 +47,42 @@ log = logging.getLogger(__name__)
 PRED_SUFFIX = "_pred"  # <stem>_pred.<ext>: a drawn output, never an input of a re-run into it
 
 
+def _drawn_before(folder: Path) -> set[str]:
+    """Names of the drawings an earlier predict wrote into ``folder``, as its detections.json
+    there records them (whatever output_dir this run has)."""
+    try:
+        records = json.loads((folder / "detections.json").read_text()).get("images", [])
+        outputs = [Path(r["output"]) for r in records if isinstance(r.get("output"), str)]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return set()  # none there, or not ours
+    return {o.name for o in outputs if o.parent.resolve() == folder.resolve()}
+
+
 def list_inputs(path: str | Path, output_dir: Path | None = None) -> list[Path]:
-    """One image file, or the image files of a folder (sorted, not recursive). When the folder
-    is also the output dir, the drawn outputs of an earlier run there are left out."""
+    """One image file, or the image files of a folder (sorted, not recursive). The drawn outputs
+    of an earlier run into the folder are left out (those its detections.json lists; when the
+    folder is also this run's output dir, every ``*_pred`` file). A broken link is kept, to be
+    reported as skipped."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise InputError(f"input={path}: no such file or folder")
+        link = (
+            f" (a link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
+        )
+        raise InputError(f"input={path}: no such file or folder{link}")
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if output_dir is not None and output_dir.resolve() == path.resolve():
-        earlier = [p for p in files if p.stem.endswith(PRED_SUFFIX)]
-        if earlier:
-            log.info("input=%s: %d earlier *%s outputs left out", path, len(earlier), PRED_SUFFIX)
-        files = [p for p in files if not p.stem.endswith(PRED_SUFFIX)]
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    drawn = _drawn_before(path)
+    same_dir = output_dir is not None and output_dir.resolve() == path.resolve()
+    earlier = [p for p in files if p.name in drawn or (same_dir and p.stem.endswith(PRED_SUFFIX))]
+    if earlier:
+        log.info("input=%s: %d drawn outputs of an earlier predict left out", path, len(earlier))
+        files = [p for p in files if p not in earlier]
     if not files:
         raise InputError(
             f"input={path}: the folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})"

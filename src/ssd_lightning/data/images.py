@@ -10,6 +10,7 @@ raise ``InputError`` naming the file.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,11 @@ def read_rgb(path: str | Path, exif_transpose: bool = True) -> Tensor:
             rgb = np.array(_to_rgb(ImageOps.exif_transpose(im) if exif_transpose else im))
     except Image.DecompressionBombError as e:
         raise InputError(f"{path}: too large to decode safely ({e})") from e
+    except FileNotFoundError as e:
+        link = (
+            f" (a link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
+        )
+        raise InputError(f"{path}: no such file{link}") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InputError(f"{path}: cannot read it as an image ({e})") from e
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
