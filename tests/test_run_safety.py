@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -169,6 +170,32 @@ def test_resume_from_a_broken_checkpoint_is_one_message(tiny_run: dict, tmp_path
     r = run_cli("ssd_lightning.train", *tiny(f"ckpt_path={truncated}", "anchors=dense_tall"))
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"ckpt_path={truncated}: cannot read it as a PyTorch checkpoint" in r.stderr
+
+
+def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """A photo, an empty file or an exported .onnx given as ckpt_path: one message saying what
+    the file is, never torch's advice to load it without weights_only."""
+    photo = ROOT / "data" / "PennFudanPed" / "PNGImages" / "FudanPed00001.png"
+    empty = tmp_path / "model.pt"
+    empty.touch()
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x08\x12\x07pytorch")  # the start of an ONNX protobuf
+    for path, what in (
+        (photo, "not a file torch.save writes)"),
+        (empty, "not a file torch.save writes; it is empty"),
+        (onnx, "an ONNX model; give the .ckpt or exported .pt"),
+    ):
+        with pytest.raises(CheckpointError, match=re.escape(what)) as e:
+            read_checkpoint(path)
+        assert "weights_only" not in str(e.value)
+    evil = tmp_path / "evil.pt"
+    torch.save({"payload": _Payload(tmp_path / "ran")}, evil)
+    with pytest.raises(CheckpointError, match="refused by the weights-only load: Unsupported") as e:
+        read_checkpoint(evil)
+    assert "allowlist" not in str(e.value) and not (tmp_path / "ran").exists()
+    r = run_cli("ssd_lightning.evaluate", f"ckpt_path={onnx}", f"hydra.run.dir={tmp_path / 'e'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"ckpt_path={onnx}: an ONNX model" in r.stderr
 
 
 def _fake_run(run: Path) -> None:

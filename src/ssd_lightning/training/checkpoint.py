@@ -51,18 +51,40 @@ def read_checkpoint(
             f"{key}={path}: no such file (a Lightning .ckpt from <run>/checkpoints/ or an "
             "exported ssd_resnet34_best.pt)"
         )
+    if path.suffix.lower() == ".onnx":
+        raise CheckpointError(
+            f"{key}={path}: an ONNX model; give the .ckpt or exported .pt it was exported from "
+            "(of the tools only predict runs .onnx)"
+        )
     # mmap reads zip archives only; of any other file torch's complaint would be about mmap
     mmap = mmap and zipfile.is_zipfile(path)
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - truncated, corrupt or unsafe: one clear message
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"{key}={path}: cannot read it as a PyTorch checkpoint ({first})"
+            f"{key}={path}: cannot read it as a PyTorch checkpoint ({_load_error(path, e)})"
         ) from None
     if not isinstance(blob, dict):
         raise CheckpointError(f"{key}={path}: not a checkpoint (a {type(blob).__name__})")
     return blob
+
+
+def _load_error(path: Path, error: Exception) -> str:
+    """Why ``torch.load`` refused a file: of one torch.save never wrote (an image, a text
+    file), that; else torch's reason, without its advice to load without weights_only (running
+    code from the file is what that would allow)."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # zip / legacy pickle
+        return "not a file torch.save writes" + ("; it is empty" if not head else "")
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error:"):
+            reason = line.removeprefix("WeightsUnpickler error:").strip()
+            reason = reason or (lines[i + 1] if i + 1 < len(lines) else "")
+            # its first sentence: what was refused, not how to allow it
+            return f"refused by the weights-only load: {reason.split('. ')[0]}"
+    return lines[0] if lines else type(error).__name__
 
 
 def is_exported(blob: dict[str, Any]) -> bool:
