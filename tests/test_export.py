@@ -17,7 +17,7 @@ from conftest import PENNFUDAN, make_cfg, run_cli
 
 from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.core.postprocess import postprocess
-from ssd_lightning.data.images import read_rgb
+from ssd_lightning.data.images import InputError, read_rgb
 from ssd_lightning.data.presets import build_eval_transform
 from ssd_lightning.training.checkpoint import CheckpointError, load_model
 
@@ -258,3 +258,27 @@ def test_an_output_dir_that_cannot_be_one_is_one_message(tmp_path: Path) -> None
     with pytest.raises(CheckpointError, match="no_model.pt: no such file"):
         export_model(tmp_path / "no_model.pt", export_model_dir)
     assert export_model_dir.is_dir()
+
+
+def test_the_parity_check_skips_unreadable_photos_and_checks_the_folder_first(
+    exported: dict, tmp_path: Path
+) -> None:
+    """check.images=<a user's folder>: a broken link or a text file named .jpg there is skipped
+    (as predict skips it), not the end of the export; a folder without a readable photo stops
+    it before any graph is written."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a_broken.jpg").symlink_to(photos / "gone.jpg")
+    (photos / "b_notes.jpg").write_text("not a photo")
+    for f in IMAGES[:2]:
+        (photos / f.name).write_bytes(f.read_bytes())
+    meta = export_model(
+        exported["model"], tmp_path / "out", name="m", check_folder=photos, check_count=2
+    )
+    assert meta["parity"]["ok"] and meta["parity"]["images"] == 2
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.jpg").write_text("not a photo")
+    with pytest.raises(InputError, match="no readable images there"):
+        export_model(exported["model"], tmp_path / "out2", name="m", check_folder=notes)
+    assert not list((tmp_path / "out2").glob("*.onnx"))

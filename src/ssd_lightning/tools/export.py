@@ -73,9 +73,10 @@ def export_model(
     net, info = load_model(ckpt_path)
     stem = name or Path(str(ckpt_path)).stem
     chosen = {**info["predict"], **given}
+    if check_folder is not None:  # before the export: a folder without photos costs no time
+        images, sizes, files = check_images(check_folder, check_count, int(net.image_size))
     meta = export_onnx(net, info, out_dir, stem, chosen, opset, source=str(ckpt_path))
     if check_folder is not None:
-        images, sizes, files = check_images(check_folder, check_count, int(net.image_size))
         parity = check_parity(net, meta, images, sizes)
         parity["folder"] = str(check_folder)
         meta["parity"] = parity

@@ -7,6 +7,7 @@ network-input pixels for the detector (its fp32 noise scales with the resize).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,22 +28,41 @@ from ssd_lightning.tools.onnx_runtime import (
     per_image,
 )
 
+log = logging.getLogger(__name__)
+
 # the bounds (see check_parity)
 NETWORK_TOLERANCE, POSTPROCESS_BOX_PX, DETECTOR_BOX_PX, SCORE_TOLERANCE = 1e-5, 1e-3, 1e-2, 1e-4
 
 
 def check_images(folder: str | Path, count: int, image_size: int) -> tuple[Tensor, Tensor, list]:
-    """The first ``count`` images of ``folder`` (sorted) as the network sees them: images
-    (B,3,S,S) in [0,1], orig_sizes (B,2) (h, w), and their paths."""
+    """The first ``count`` readable images of ``folder`` (sorted; or the one image ``folder``
+    names) as the network sees them:
+    images (B,3,S,S) in [0,1], orig_sizes (B,2) (h, w), and their paths. Files that cannot be
+    read are skipped with a warning, as predict skips them."""
     root = Path(folder).expanduser()
-    files = sorted(p for p in root.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
+    if not root.exists():
+        raise InputError(f"check.images={root}: no such folder (or check.enabled=false)")
+    candidates = (
+        [root]  # one photo
+        if root.is_file()
+        else sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    )
+    files, originals = [], []
+    for f in candidates:
+        if len(files) == count:
+            break
+        try:
+            originals.append(read_rgb(f))
+        except InputError as e:
+            log.warning("%s: skipped in the parity check", e)
+            continue
+        files.append(f)
     if not files:
         raise InputError(
-            f"check.images={root}: no images there for the parity check (give a folder of photos, "
-            "or check.enabled=false)"
+            f"check.images={root}: no readable images there for the parity check (give a folder "
+            "of photos, or check.enabled=false)"
         )
     transform = build_eval_transform(image_size)
-    originals = [read_rgb(f) for f in files]
     images = torch.stack([transform(img) for img in originals])
     sizes = torch.tensor([list(img.shape[-2:]) for img in originals])
     return images, sizes, files
