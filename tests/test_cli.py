@@ -230,3 +230,20 @@ def test_predict_skips_earlier_drawings_and_reports_broken_links(
     ]
     with pytest.raises(InputError, match="deleted.jpg, which does not exist"):
         predict(model, photos / "gone.jpg", tmp_path / "out3")
+
+
+def test_a_path_given_as_null_or_a_list_is_one_message(tiny_run: dict, tmp_path: Path) -> None:
+    """input=null, input=[a,b], ckpt_path=null and draw=maybe on the command line: one message
+    naming the key, exit status 2, no traceback."""
+    model = tiny_run["dir"] / "ssd_resnet34_best.pt"
+    for args, key in (
+        ([f"ckpt_path={model}", f"input=[{PED},{PED}]"], "input=["),
+        ([f"ckpt_path={model}", "input=null"], "input=None"),
+        (["ckpt_path=null", f"input={PED}"], "ckpt_path=None: give one file"),
+        ([f"ckpt_path={model}", f"input={PED}", "draw=maybe"], "draw='maybe': allowed values"),
+    ):
+        r = run_cli("ssd_lightning.predict", *args, f"hydra.run.dir={tmp_path / 'run'}")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert key in r.stderr
+    with pytest.raises(CheckpointError, match="give one file"):
+        predict(None, PED, tmp_path / "out")  # type: ignore[arg-type]

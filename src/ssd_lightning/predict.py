@@ -170,6 +170,10 @@ def predict(
 
     Returns the JSON content. Thresholds default to those stored with the model.
     """
+    if not isinstance(inputs, str | os.PathLike):  # input=null, input=[a,b]
+        raise InputError(f"input={inputs}: give one image or one folder of images (a path)")
+    if not isinstance(draw, bool):
+        raise InputError(f"draw={draw!r}: allowed values are true, false")
     given = {"score_threshold": score_threshold, "nms_threshold": nms_threshold, "top_k": top_k}
     try:
         given = check_thresholds({k: v for k, v in given.items() if v is not None}, "predict")
@@ -263,7 +267,7 @@ def task(cfg: DictConfig) -> None:
         top_k=cfg.get("top_k"),
         batch_size=cfg.batch_size,
         device=str(cfg.device),
-        draw=bool(cfg.draw),
+        draw=cfg.draw,
     )
     for r in result["images"]:
         print(

@@ -18,6 +18,7 @@ is refused. This module imports no Lightning (``predict`` uses it on the exporte
 from __future__ import annotations
 
 import inspect
+import os
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,6 +46,11 @@ def read_checkpoint(
     """A .ckpt / .pt file as a dict, loaded weights-only whatever the environment says
     (``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` only overrides calls that do not ask); ``key`` names
     the config entry. ``mmap``: tensors stay in the file until used (a quick look at the rest)."""
+    if not isinstance(path, str | os.PathLike):  # key=null, key=[a,b] on the command line
+        raise CheckpointError(
+            f"{key}={path}: give one file (a Lightning .ckpt from <run>/checkpoints/ or an "
+            "exported ssd_resnet34_best.pt)"
+        )
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(
