@@ -16,6 +16,7 @@ from conftest import PENNFUDAN, make_cfg, run_cli, tiny
 from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
+from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.config.paths import load_option
 from ssd_lightning.data.batch import collate_fn
 from ssd_lightning.data.coco import CocoFormatError, coco_num_classes, read_coco
@@ -580,3 +581,25 @@ def test_convert_cli_bad_root_or_split_is_one_message(tmp_path):
     r = run_cli("ssd_lightning.data.convert", "--split")  # argparse's mistake: one line too
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "--split" in lines[0], r.stderr
+
+
+def test_a_split_that_leaves_nothing_to_train_is_one_message(tmp_path):
+    """data.val_size larger than the export (or the default fraction of a one-image export):
+    one config message naming the file and what is allowed, from every tool, no traceback."""
+    path = _write(tmp_path, _small())  # one image
+    for val_size in ("0.2", "5"):
+        r = run_cli(
+            "ssd_lightning.anchors",
+            "data=coco",
+            f"data.images_dir={IMAGES}",
+            f"data.train_json={path}",
+            "data.val_json=null",
+            f"data.val_size={val_size}",
+        )
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert f"Config error: data.val_size={val_size}: {path} has 1 image(s)" in r.stderr
+        assert "allowed: 0)" in r.stderr
+    kwargs = dict(images_dir=IMAGES, train_json=COCO / "val.json", preload=False, num_workers=0)
+    m = CocoDataModule(val_size=50, split_file=tmp_path / "split.json", **kwargs)
+    with pytest.raises(ConfigError, match="has 50 image.*allowed: an integer 0 to 49"):
+        m.setup("fit")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ssd_lightning.config.atomic import write_json
+from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.data.coco import CocoAnnotations, CocoFormatError, read_coco
 from ssd_lightning.data.coco_dataset import CocoDataset
 from ssd_lightning.data.datamodule import DetectionDataModule, check_int
@@ -105,13 +106,18 @@ class CocoDataModule(DetectionDataModule):
 
     # -- the split ------------------------------------------------------------------------------
     def _held_out(self, n: int) -> int:
-        k = round(self.val_size * n) if isinstance(self.val_size, float) else int(self.val_size)
+        # a fraction holds out at least one image; a ConfigError (not a bare ValueError): the
+        # data is only read once the tool runs, where it must still be one message
+        fraction = isinstance(self.val_size, float)
+        k = max(round(self.val_size * n), 1) if fraction else int(self.val_size)
         if not 0 <= k < n:
-            raise ValueError(
-                f"data.val_size={self.val_size}: {self.train_json} has {n} images; allowed are 0 "
-                f"to {n - 1} (or a fraction)"
+            allowed = f"an integer 0 to {n - 1}, or a fraction" if n > 1 else "0"
+            raise ConfigError(
+                f"data.val_size={self.val_size}: {self.train_json} has {n} image(s) and at least "
+                f"one must train (allowed: {allowed}); or give the validation images as "
+                "data.val_json"
             )
-        return max(k, 1) if isinstance(self.val_size, float) else k
+        return k
 
     def _split_names(self) -> tuple[list[str], list[str]]:
         """(train, val) file names of ``train_json`` (val empty with ``val_json``)."""
