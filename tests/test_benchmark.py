@@ -91,7 +91,7 @@ def test_torchvision_wrapper_is_the_same_detector(net_and_batch) -> None:
         assert torch.equal(o["labels"], t["labels"])
 
 
-def test_options_are_checked() -> None:
+def test_options_are_checked(tmp_path: Path) -> None:
     opts = parse_options(["device=cpu", "batch_sizes=[2,4]", "sections=step,fit"])
     assert opts.batch_sizes == [2, 4] and opts.sections == ["step", "fit"]
     assert opts.fit_batch_size == 2 and opts.channels_last is False
@@ -103,9 +103,20 @@ def test_options_are_checked() -> None:
         (["steps"], "key=value"),
         (["batch_sizes=[-1]"], r"batch_sizes=\[-1\]"),
         (["warmup=-1"], "warmup=-1"),
+        # YAML values of the wrong type: one message each, before any timing
+        (["batch_sizes=abc"], "batch_sizes='abc': must be a list of integers >= 1"),
+        (["batch_sizes=[2,0]"], "batch_sizes"),
+        (["image_size=10"], "image_size=10: must be an integer >= 64"),
+        (["steps=1.5"], "steps=1.5: must be an integer"),
+        (["compile=maybe"], "compile='maybe': allowed true, false"),
+        (["fit_batches=0"], "fit_batches=0: must be null or an integer"),
     ):
         with pytest.raises(OptionError, match=match):
-            parse_options(bad)
+            parse_options(["device=cpu", *bad])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OptionError, match="out=.*cannot create"):
+        parse_options(["device=cpu", f"out={blocker / 'b.json'}"])
 
 
 def test_command_runs_end_to_end_and_writes_json(tmp_path: Path) -> None:

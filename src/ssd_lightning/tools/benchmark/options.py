@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -97,17 +98,43 @@ def parse_options(argv: Sequence[str]) -> Options:
         )
     if opts.channels_last == "auto":
         opts.channels_last = device == "cuda"
-    for key in ("steps", "repeats", "image_size", "data_samples", "fit_epochs"):
-        if int(getattr(opts, key)) < 1:
-            raise OptionError(f"benchmark option {key}={getattr(opts, key)}: must be >= 1")
-    if opts.warmup < 0:
-        raise OptionError(f"benchmark option warmup={opts.warmup}: must be >= 0")
-    if not opts.batch_sizes or min(opts.batch_sizes) < 1:
+    # YAML values: batch_sizes=abc is a string, steps=1.5 a float; each one message, not a
+    # TypeError (or a silently truthy compile=maybe) once the timing has started
+    ints = {"steps": 1, "repeats": 1, "warmup": 0, "data_samples": 1, "fit_epochs": 1, "seed": 0}
+    for key, low in {**ints, "image_size": 64}.items():  # 64: the network's smallest input
+        if not _is_int(getattr(opts, key), low):
+            raise OptionError(
+                f"benchmark option {key}={getattr(opts, key)!r}: must be an integer >= {low}"
+            )
+    for key in ("fit_batches", "fit_batch_size"):
+        if getattr(opts, key) is not None and not _is_int(getattr(opts, key), 1):
+            raise OptionError(
+                f"benchmark option {key}={getattr(opts, key)!r}: must be null or an integer >= 1"
+            )
+    if not (
+        isinstance(opts.batch_sizes, list)
+        and opts.batch_sizes
+        and all(_is_int(b, 1) for b in opts.batch_sizes)
+    ):
         raise OptionError(
-            f"benchmark option batch_sizes={opts.batch_sizes}: a non-empty list of integers >= 1"
+            f"benchmark option batch_sizes={opts.batch_sizes!r}: must be a list of integers >= 1 "
+            "(e.g. 'batch_sizes=[32,128]')"
         )
+    if not isinstance(opts.compile, bool):
+        raise OptionError(f"benchmark option compile={opts.compile!r}: allowed true, false")
     if opts.fit_batch_size is None:
         opts.fit_batch_size = opts.batch_sizes[0]
     if opts.out is None:
         opts.out = f"outputs/benchmark/benchmark_{device}.json"
+    out_dir = Path(str(opts.out)).expanduser().parent
+    try:  # before any timing: the results must have somewhere to go
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OptionError(
+            f"benchmark option out={opts.out}: cannot create {out_dir} ({e.strerror})"
+        ) from None
     return opts
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
