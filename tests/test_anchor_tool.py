@@ -134,3 +134,14 @@ def test_fit_refuses_a_name_that_is_no_preset_name(tmp_path, monkeypatch, name):
         tool.main(["fit", "--name", name, "--seeds", "1", "--figure", str(tmp_path / "f.png")])
     assert sorted(p.relative_to(conf) for p in conf.rglob("*")) == before
     assert not (tmp_path / "f.png").exists()
+
+
+def test_fit_with_a_figure_it_cannot_write_writes_no_preset(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    shutil.copytree(config_dir(), conf)
+    monkeypatch.setenv("SSD_LIGHTNING_CONF_DIR", str(conf))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="--figure .*cannot create its folder"):
+        tool.main(["fit", "--name", "f2", "--seeds", "1", "--figure", str(blocker / "f.png")])
+    assert not (conf / "anchors" / "f2.yaml").exists()

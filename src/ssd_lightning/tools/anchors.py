@@ -300,6 +300,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--name {args.name!r}: allowed are letters, digits, _ and - (not first), "
             "e.g. --name my_fitted"
         )
+    if args.figure is not None:  # before the fit writes its preset: the figure must fit too
+        try:
+            args.figure.expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"--figure {args.figure}: cannot create its folder ({e.strerror})"
+            ) from None
     cfg = compose("train", overrides, job_name="anchors")
     validate_config(cfg)
     gt = training_boxes(cfg)
