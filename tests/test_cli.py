@@ -247,3 +247,17 @@ def test_a_path_given_as_null_or_a_list_is_one_message(tiny_run: dict, tmp_path:
         assert key in r.stderr
     with pytest.raises(CheckpointError, match="give one file"):
         predict(None, PED, tmp_path / "out")  # type: ignore[arg-type]
+
+
+def test_evaluate_checks_its_thresholds_and_output_first(tiny_run: dict, tmp_path: Path) -> None:
+    """model.evaluate.* out of range and an output that cannot be written: one message naming
+    the key, exit status 2, before any image is evaluated."""
+    model = f"ckpt_path={tiny_run['dir'] / 'ssd_resnet34_best.pt'}"
+    for arg, message in (
+        ("model.evaluate.score_threshold=2", "model.evaluate.score_threshold=2: allowed values"),
+        ("model.evaluate.top_k=0", "model.evaluate.top_k=0: allowed values"),
+        (f"output={tmp_path}", f"output={tmp_path}: is a folder"),
+    ):
+        r = run_cli("ssd_lightning.evaluate", model, arg, f"hydra.run.dir={tmp_path / 'e'}")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert message in r.stderr and "COCO bbox metrics" not in r.stdout

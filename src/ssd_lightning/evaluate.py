@@ -115,9 +115,21 @@ def _print_report(text: str) -> None:
     print(f"\n{text}")
 
 
+def _check_output(output: str | Path) -> None:
+    """``output`` can be written: not a folder, its folder there or creatable."""
+    out = Path(str(output)).expanduser()
+    if out.is_dir():
+        raise ConfigError(f"output={out}: is a folder; give the path of a .json file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"output={out}: cannot create {out.parent} ({e.strerror})") from None
+
+
 def evaluate(cfg: DictConfig, show: Callable[[str], Any] = _print_report) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on the configured data; returns the COCO metrics (also written
     to ``cfg.output``). ``show`` receives the report (header, table, file written)."""
+    _check_output(cfg.output)  # before the evaluation: its result must have somewhere to go
     ckpt = Path(str(cfg.ckpt_path)).expanduser()
     net, info = load_model(ckpt)
     with open_dict(cfg):  # the images must match the network's input size
@@ -133,7 +145,12 @@ def evaluate(cfg: DictConfig, show: Callable[[str], Any] = _print_report) -> dic
             ) from None
     else:
         loss = instantiate_checked(cfg.model.loss, "model.loss")
-    module = SSDLitModule(net=net, loss=loss, evaluate=OmegaConf.to_container(cfg.model.evaluate))
+    try:  # its own check of model.evaluate.* (score / NMS thresholds, top-k) names the key
+        module = SSDLitModule(
+            net=net, loss=loss, evaluate=OmegaConf.to_container(cfg.model.evaluate)
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     with open_dict(cfg):  # the data's classes are the checkpoint's, not checked against config
         cfg.data.num_classes = None
     datamodule = instantiate_checked(cfg.data, "data")
