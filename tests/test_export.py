@@ -282,3 +282,17 @@ def test_the_parity_check_skips_unreadable_photos_and_checks_the_folder_first(
     with pytest.raises(InputError, match="no readable images there"):
         export_model(exported["model"], tmp_path / "out2", name="m", check_folder=notes)
     assert not list((tmp_path / "out2").glob("*.onnx"))
+
+
+@pytest.mark.parametrize("value", ["0", "abc"])
+def test_a_parity_image_count_that_is_no_count_is_one_message(tmp_path: Path, value: str) -> None:
+    r = run_cli(
+        "ssd_lightning.export",
+        f"ckpt_path={tmp_path / 'model.pt'}",  # refused before the model is read
+        f"check.num_images={value}",
+        f"output_dir={tmp_path / 'out'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    shown = value if value.isdigit() else repr(value)
+    assert f"check.num_images={shown}: allowed values are integers >= 1" in r.stderr

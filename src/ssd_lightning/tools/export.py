@@ -63,6 +63,11 @@ def export_model(
         require(
             "onnxruntime", "onnxruntime", "onnx", "the parity check (check.enabled=false skips it)"
         )
+        if not isinstance(check_count, int) or isinstance(check_count, bool) or check_count < 1:
+            raise ConfigError(
+                f"check.num_images={check_count!r}: allowed values are integers >= 1 (or "
+                "check.enabled=false)"
+            )
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir={out}: is a file, not a folder")
@@ -102,7 +107,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         name=cfg.get("name"),
         thresholds={k: cfg.get(k) for k in ("score_threshold", "nms_threshold", "top_k")},
         check_folder=check.get("images") if check.get("enabled", True) else None,
-        check_count=int(check.get("num_images", 8)),
+        check_count=check.get("num_images", 8),
     )
     for kind, path in meta["files"].items():
         print(f"{kind:11s} {path}")
