@@ -259,6 +259,11 @@ def test_clipping_a_fused_optimizer_in_mixed_precision_is_refused(tmp_path: Path
         ("model.net.image_size=-1", "model.net.image_size=-1: allowed values are integers >= 64"),
         ("model.net.image_size=10", "model.net.image_size=10"),
         ("ckpt_path=/no/such.ckpt", "ckpt_path"),
+        # read before any constructor checks them: a traceback deep in the fit otherwise
+        ("seed=abc", "seed='abc': allowed values are integers >= 0"),
+        ("trainer.max_epochs=abc", "trainer.max_epochs='abc': allowed values are integers"),
+        ("trainer.max_steps=1.5", "trainer.max_steps=1.5"),
+        ("optimizer.lr=abc", "optimizer.lr='abc': allowed values are numbers"),
     ],
 )
 def test_bad_values_are_named(override: str, expected: str, tmp_path: Path) -> None:

@@ -60,6 +60,16 @@ def _optimizer_errors(cfg: DictConfig) -> list[str]:
     node = _get(cfg, "model.optimizer")
     if node is None:
         return []
+    # a string where a number goes: torch's own complaint ("'<=' not supported between ...")
+    # names no key
+    wrong = [
+        f"optimizer.{key}={node.get(key)!r}: allowed values are numbers"
+        for key in ("lr", "weight_decay", "eps", "momentum")
+        if node.get(key) is not None
+        and (not isinstance(node.get(key), int | float) or isinstance(node.get(key), bool))
+    ]
+    if wrong:
+        return wrong
     try:  # the optimizer checks its own values (lr, betas, ...); ask it now, on a dummy parameter
         instantiate(node)(params=[torch.zeros(1, requires_grad=True)])
     except Exception as e:  # noqa: BLE001 - whatever the constructor rejects is a config error
@@ -104,10 +114,23 @@ def _scheduler_errors(cfg: DictConfig) -> list[str]:
     return []
 
 
+def _int_errors(cfg: DictConfig) -> list[str]:
+    """Integers read before any constructor checks them: the seed (``int(seed)``), the run's
+    length (Lightning compares it deep inside the fit)."""
+    errors = []
+    for key, low in (("seed", 0), ("trainer.max_epochs", -1), ("trainer.max_steps", -1)):
+        value = _get(cfg, key)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < low
+        ):
+            errors.append(f"{key}={value!r}: allowed values are integers >= {low} (or null)")
+    return errors
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check a composed train / evaluate config; raise ``ConfigError`` listing every problem (one
     line for one problem, one line each under a header for several)."""
-    errors: list[str] = []
+    errors: list[str] = _int_errors(cfg)
     if _get(cfg, "model.net") is not None:
         errors += _anchor_errors(cfg)
     errors += _optimizer_errors(cfg)
