@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -253,11 +254,15 @@ def test_evaluate_checks_its_thresholds_and_output_first(tiny_run: dict, tmp_pat
     """model.evaluate.* out of range and an output that cannot be written: one message naming
     the key, exit status 2, before any image is evaluated."""
     model = f"ckpt_path={tiny_run['dir'] / 'ssd_resnet34_best.pt'}"
+    photo = tmp_path / "photo.png"  # a photo given as output by mistake stays as it is
+    shutil.copy(PED, photo)
     for arg, message in (
         ("model.evaluate.score_threshold=2", "model.evaluate.score_threshold=2: allowed values"),
         ("model.evaluate.top_k=0", "model.evaluate.top_k=0: allowed values"),
         (f"output={tmp_path}", f"output={tmp_path}: is a folder"),
+        (f"output={photo}", f"output={photo}: an existing file that is not .json"),
     ):
         r = run_cli("ssd_lightning.evaluate", model, arg, f"hydra.run.dir={tmp_path / 'e'}")
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
         assert message in r.stderr and "COCO bbox metrics" not in r.stdout
+    assert photo.read_bytes() == PED.read_bytes()

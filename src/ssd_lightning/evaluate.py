@@ -116,10 +116,16 @@ def _print_report(text: str) -> None:
 
 
 def _check_output(output: str | Path) -> None:
-    """``output`` can be written: not a folder, its folder there or creatable."""
+    """``output`` can be written: not a folder nor another kind of file (a photo given by
+    mistake would be replaced), its folder there or creatable."""
     out = Path(str(output)).expanduser()
     if out.is_dir():
         raise ConfigError(f"output={out}: is a folder; give the path of a .json file")
+    if out.exists() and out.suffix.lower() != ".json":
+        raise ConfigError(
+            f"output={out}: an existing file that is not .json, left as it is; give the path of "
+            "a .json file"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
