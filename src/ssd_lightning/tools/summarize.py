@@ -40,6 +40,8 @@ from ssd_lightning.tools.search import SearchResults, read_results, same_value
 from ssd_lightning.visualize import figure_to_png, plot_summary
 
 DEFAULT_METRIC = "val/map_50"
+# the header of one mistake found by the configuration check (config.validation)
+_CHECK_HEADER = re.compile(r"^(?:\w+ error: )?invalid configuration: ")
 # (column, metrics.json keys tried in order)
 METRIC_COLUMNS: list[tuple[str, tuple[str, ...]]] = [
     ("val/map_50", ("val/map_50",)),
@@ -102,11 +104,12 @@ def _last_error(job_dir: Path) -> str:
 
 
 def one_line(error: str) -> str:
-    """An error message (possibly "invalid configuration:" + one "- item" per line) as one line:
-    the items joined with "; "."""
+    """An error message as one line, without the header of the configuration check ("Config
+    error: invalid configuration: <item>", or the header then one "- item" per line): the
+    items joined with "; "."""
     lines = [ln.strip().removeprefix("- ") for ln in str(error).splitlines() if ln.strip()]
     lines = [ln for ln in lines if not ln.endswith("invalid configuration:")] or lines
-    return "; ".join(lines)
+    return "; ".join(_CHECK_HEADER.sub("", ln, count=1) for ln in lines)
 
 
 def _read_tags(job: Job, metrics: dict[str, Any]) -> list[str]:
