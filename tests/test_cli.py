@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, make_cfg, run_cli
 from PIL import Image
 
+from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.config.overrides import quote_paths
 from ssd_lightning.data.images import InputError, read_rgb
+from ssd_lightning.evaluate import evaluate
 from ssd_lightning.predict import output_names, predict
+from ssd_lightning.predict import task as predict_task
 from ssd_lightning.training.checkpoint import CheckpointError
 
 PED = ROOT / "data" / "PennFudanPed" / "PNGImages" / "FudanPed00001.png"
@@ -237,17 +241,21 @@ def test_a_path_given_as_null_or_a_list_is_one_message(tiny_run: dict, tmp_path:
     """input=null, input=[a,b], ckpt_path=null and draw=maybe on the command line: one message
     naming the key, exit status 2, no traceback."""
     model = tiny_run["dir"] / "ssd_resnet34_best.pt"
-    for args, key in (
+    cases = (
         ([f"ckpt_path={model}", f"input=[{PED},{PED}]"], "input=["),
         ([f"ckpt_path={model}", "input=null"], "input=None"),
         (["ckpt_path=null", f"input={PED}"], "ckpt_path=None: give one file"),
         ([f"ckpt_path={model}", f"input={PED}", "draw=maybe"], "draw='maybe': allowed values"),
-    ):
-        r = run_cli("ssd_lightning.predict", *args, f"hydra.run.dir={tmp_path / 'run'}")
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-        assert key in r.stderr
-    with pytest.raises(CheckpointError, match="give one file"):
-        predict(None, PED, tmp_path / "out")  # type: ignore[arg-type]
+    )
+    args, key = cases[0]
+    r = run_cli("ssd_lightning.predict", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert key in r.stderr
+    for args, key in cases[1:]:  # the same path in-process (one start-up is enough)
+        cfg = make_cfg([*args, f"output_dir={tmp_path / 'out'}"], tmp_path / "run", "predict")
+        with pytest.raises((InputError, CheckpointError), match=re.escape(key)):
+            predict_task(cfg)
+    assert not (tmp_path / "out" / "detections.json").exists()
 
 
 def test_evaluate_checks_its_thresholds_and_output_first(tiny_run: dict, tmp_path: Path) -> None:
@@ -256,13 +264,17 @@ def test_evaluate_checks_its_thresholds_and_output_first(tiny_run: dict, tmp_pat
     model = f"ckpt_path={tiny_run['dir'] / 'ssd_resnet34_best.pt'}"
     photo = tmp_path / "photo.png"  # a photo given as output by mistake stays as it is
     shutil.copy(PED, photo)
-    for arg, message in (
+    cases = (
         ("model.evaluate.score_threshold=2", "model.evaluate.score_threshold=2: allowed values"),
         ("model.evaluate.top_k=0", "model.evaluate.top_k=0: allowed values"),
         (f"output={tmp_path}", f"output={tmp_path}: is a folder"),
         (f"output={photo}", f"output={photo}: an existing file that is not .json"),
-    ):
-        r = run_cli("ssd_lightning.evaluate", model, arg, f"hydra.run.dir={tmp_path / 'e'}")
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-        assert message in r.stderr and "COCO bbox metrics" not in r.stdout
+    )
+    r = run_cli("ssd_lightning.evaluate", model, cases[0][0], f"hydra.run.dir={tmp_path / 'e'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert cases[0][1] in r.stderr and "COCO bbox metrics" not in r.stdout
+    for arg, message in cases[1:]:  # the same path in-process (one start-up is enough)
+        cfg = make_cfg([model, arg], tmp_path / "e", "evaluate")
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            evaluate(cfg, show=lambda text: pytest.fail(f"evaluated: {text}"))
     assert photo.read_bytes() == PED.read_bytes()
