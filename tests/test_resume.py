@@ -98,7 +98,13 @@ def test_a_stopped_run_resumes_exactly(
         assert got[tag] == want[tag][first:], tag
 
 
-@pytest.mark.parametrize("accumulate", [1, 2], ids=["step-per-batch", "accumulate-2"])
+@pytest.mark.parametrize(
+    "accumulate",
+    [
+        pytest.param(1, id="step-per-batch"),
+        pytest.param(2, id="accumulate-2", marks=pytest.mark.slow),  # ~30 s more
+    ],
+)
 def test_resume_in_place_continues_exactly(tmp_path: Path, accumulate: int) -> None:
     """One epoch, then resume=<run dir> with trainer.max_epochs=2 for the second: what a 2-epoch
     run computes straight (with two workers here, none there: workers draw a resumed epoch's

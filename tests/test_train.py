@@ -467,6 +467,7 @@ def test_ddp_cpu_two_processes_one_run_dir(tmp_path: Path) -> None:
     assert "test_after_fit: " not in (run / "train_ddp_process_1.log").read_text()
 
 
+@pytest.mark.slow  # ~40 s; test_ddp_cpu_two_processes_one_run_dir covers DDP by default
 def test_ddp_cpu_inside_a_sweep(tmp_path: Path) -> None:
     """Each job of a -m sweep starts its own rank-1 process, which joins that job's dir and runs
     that job's overrides (not the whole sweep again)."""
