@@ -71,6 +71,14 @@ def run_cli(module: str, *args: str, timeout: float = 600) -> subprocess.Complet
     )
 
 
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    """The one non-empty line a command-line mistake prints on stderr (exit status 2)."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A 2-epoch tiny training run (in-process), shared by the train / CLI / TensorBoard tests;
