@@ -24,7 +24,6 @@ from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException, HydraException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -40,7 +39,7 @@ from ssd_lightning.config.errors import (
 )
 from ssd_lightning.config.extras import check_plugins
 from ssd_lightning.config.job_status import record_failure
-from ssd_lightning.config.overrides import quote_paths
+from ssd_lightning.config.overrides import first_unparsable, quote_paths
 from ssd_lightning.config.paths import config_dir
 from ssd_lightning.data.dataset import DatasetReadError
 from ssd_lightning.data.download import DownloadError
@@ -88,26 +87,13 @@ def hydra_message(error: BaseException) -> str:
         if first not in text:
             parts.append(f"({first})")
     if isinstance(error, OverrideParseException):  # Hydra's message names no override
-        bad = _unparsable_override(sys.argv[1:])
+        bad = first_unparsable(sys.argv[1:])
         if bad is not None:
             parts.insert(0, f"{bad}:")
     return " ".join(
         p if i == len(parts) - 1 or p.endswith((".", ":", ";", ")")) else f"{p}."
         for i, p in enumerate(parts)
     )
-
-
-def _unparsable_override(args: Sequence[str]) -> str | None:
-    """The first command-line override Hydra's grammar refuses (options like ``-m`` aside)."""
-    parser = OverridesParser.create()
-    for arg in args:
-        if arg.startswith("-"):
-            continue
-        try:
-            parser.parse_override(arg)
-        except HydraException:  # what parse_override raises for one it refuses
-            return arg
-    return None
 
 
 def message_of(error: BaseException | str) -> str:

@@ -81,3 +81,9 @@ def quote_paths(args: Sequence[str]) -> list[str]:
                 arg = fixed
         out.append(arg)
     return out
+
+
+def first_unparsable(args: Sequence[str]) -> str | None:
+    """The first command-line override Hydra's grammar refuses (options like ``-m`` aside)."""
+    parser = OverridesParser.create()
+    return next((a for a in args if not a.startswith("-") and _value(parser, a) is _UNPARSED), None)
