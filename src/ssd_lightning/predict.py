@@ -36,7 +36,7 @@ from PIL import Image
 from ssd_lightning.config.cli import hydra_main
 from ssd_lightning.core.postprocess import check_thresholds
 from ssd_lightning.data.dataset import CLASS_NAMES
-from ssd_lightning.data.images import IMAGE_SUFFIXES, InputError, read_rgb
+from ssd_lightning.data.images import IMAGE_SUFFIXES, InputError, broken_link_note, read_rgb
 from ssd_lightning.data.presets import build_eval_transform
 from ssd_lightning.tools.onnx_runtime import OnnxDetector
 from ssd_lightning.training.checkpoint import load_model
@@ -55,7 +55,8 @@ def _drawn_before(folder: Path) -> set[str]:
         outputs = [Path(r["output"]) for r in records if isinstance(r.get("output"), str)]
     except (OSError, ValueError, AttributeError, TypeError):
         return set()  # none there, or not ours
-    return {o.name for o in outputs if o.parent.resolve() == folder.resolve()}
+    here = folder.resolve()
+    return {o.name for o in outputs if o.parent.resolve() == here}
 
 
 def list_inputs(path: str | Path, output_dir: Path | None = None) -> list[Path]:
@@ -65,10 +66,7 @@ def list_inputs(path: str | Path, output_dir: Path | None = None) -> list[Path]:
     reported as skipped."""
     path = Path(path).expanduser()
     if not path.exists():
-        link = (
-            f" (a link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
-        )
-        raise InputError(f"input={path}: no such file or folder{link}")
+        raise InputError(f"input={path}: no such file or folder{broken_link_note(path)}")
     if path.is_file():
         return [path]
     files = sorted(

@@ -50,6 +50,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def broken_link_note(path: Path) -> str:
+    """For a missing ``path`` that is a link, what it points to (else ""): a user's folder of
+    photos may hold links to files moved since."""
+    return f" (a link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
+
+
 def read_rgb(path: str | Path, exif_transpose: bool = True) -> Tensor:
     """Any image file -> uint8 (3, H, W) RGB. ``exif_transpose``: apply the EXIF orientation
     (photos; a dataset whose annotations refer to the stored pixels passes False)."""
@@ -61,10 +67,7 @@ def read_rgb(path: str | Path, exif_transpose: bool = True) -> Tensor:
     except Image.DecompressionBombError as e:
         raise InputError(f"{path}: too large to decode safely ({e})") from e
     except FileNotFoundError as e:
-        link = (
-            f" (a link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
-        )
-        raise InputError(f"{path}: no such file{link}") from e
+        raise InputError(f"{path}: no such file{broken_link_note(path)}") from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InputError(f"{path}: cannot read it as an image ({e})") from e
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
