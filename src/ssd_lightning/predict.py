@@ -34,9 +34,16 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ssd_lightning.config.cli import hydra_main
+from ssd_lightning.core.plain import is_int
 from ssd_lightning.core.postprocess import check_thresholds
 from ssd_lightning.data.dataset import CLASS_NAMES
-from ssd_lightning.data.images import IMAGE_SUFFIXES, InputError, broken_link_note, read_rgb
+from ssd_lightning.data.images import (
+    IMAGE_SUFFIXES,
+    InputError,
+    broken_link_note,
+    image_files,
+    read_rgb,
+)
 from ssd_lightning.data.presets import build_eval_transform
 from ssd_lightning.tools.onnx_runtime import OnnxDetector
 from ssd_lightning.training.checkpoint import load_model
@@ -69,12 +76,7 @@ def list_inputs(path: str | Path, output_dir: Path | None = None) -> list[Path]:
         raise InputError(f"input={path}: no such file or folder{broken_link_note(path)}")
     if path.is_file():
         return [path]
-    files = sorted(
-        p
-        for p in path.iterdir()
-        if (p.is_file() or (p.is_symlink() and not p.exists()))
-        and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    files = image_files(path)
     drawn = _drawn_before(path)
     same_dir = output_dir is not None and output_dir.resolve() == path.resolve()
     earlier = [p for p in files if p.name in drawn or (same_dir and p.stem.endswith(PRED_SUFFIX))]
@@ -177,7 +179,7 @@ def predict(
         given = check_thresholds({k: v for k, v in given.items() if v is not None}, "predict")
     except ValueError as e:
         raise InputError(str(e).removeprefix("predict.")) from None
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not is_int(batch_size, 1):
         raise InputError(f"batch_size={batch_size!r}: allowed values are integers >= 1")
     out_dir = _output_dir(output_dir)
     files = list_inputs(inputs, out_dir)

@@ -212,7 +212,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     restore_run_config(refused=False)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
-    module, datamodule, trainer = build(cfg)
+    module, datamodule, trainer = build(cfg, validated=True)
     if ckpt_path is not None:
         use_checkpoint_classes(cfg, ckpt_path, datamodule)
     if trainer.is_global_zero and os.environ.get("LOCAL_RANK", "0") == "0":

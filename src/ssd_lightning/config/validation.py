@@ -23,6 +23,7 @@ from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.config.paths import available_options
 from ssd_lightning.core.anchors import anchor_pairs
 from ssd_lightning.core.backbone import NUM_FEATURE_MAPS
+from ssd_lightning.core.plain import is_int, is_number
 from ssd_lightning.core.ssd import net_int_error
 
 
@@ -65,8 +66,7 @@ def _optimizer_errors(cfg: DictConfig) -> list[str]:
     wrong = [
         f"optimizer.{key}={node.get(key)!r}: allowed values are numbers"
         for key in ("lr", "weight_decay", "eps", "momentum")
-        if node.get(key) is not None
-        and (not isinstance(node.get(key), int | float) or isinstance(node.get(key), bool))
+        if node.get(key) is not None and not is_number(node.get(key), finite=False)
     ]
     if wrong:
         return wrong
@@ -120,9 +120,7 @@ def _int_errors(cfg: DictConfig) -> list[str]:
     errors = []
     for key, low in (("seed", 0), ("trainer.max_epochs", -1), ("trainer.max_steps", -1)):
         value = _get(cfg, key)
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < low
-        ):
+        if value is not None and not is_int(value, low):
             errors.append(f"{key}={value!r}: allowed values are integers >= {low} (or null)")
     return errors
 

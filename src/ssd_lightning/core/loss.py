@@ -6,7 +6,6 @@ torchvision.ops) on the decoded boxes, which scores a box the way the COCO mAP d
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +15,7 @@ from torchvision.ops import box_convert, distance_box_iou_loss, generalized_box_
 
 from ssd_lightning.core.box_coding import VARIANCES, decode, encode
 from ssd_lightning.core.matching import match_anchors
+from ssd_lightning.core.plain import is_number
 
 # box loss name -> loss of (pred, target) xyxy boxes, elementwise; smooth_l1 works on offsets
 IOU_LOSSES = {"giou": generalized_box_iou_loss, "diou": distance_box_iou_loss}
@@ -75,8 +75,7 @@ class MultiBoxLoss(nn.Module):
             ("iou_threshold", iou_threshold, lambda v: 0 < v <= 1, "a number in (0, 1]"),
             ("box_weight", box_weight, lambda v: v > 0, "a number > 0 or null"),
         ):
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            if not (number and math.isfinite(value) and ok(value)):
+            if not (is_number(value) and ok(value)):
                 raise ValueError(f"model.loss.{key}={value!r}: allowed values are {allowed}")
         self.neg_ratio = neg_ratio
         self.beta = beta

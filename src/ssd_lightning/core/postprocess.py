@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +10,7 @@ from torch import Tensor
 from torchvision.ops import box_convert, nms
 
 from ssd_lightning.core.box_coding import VARIANCES, decode
+from ssd_lightning.core.plain import is_int, is_number
 
 # Thresholds for predictions (predict, TensorBoard images) and for COCO evaluation (mAP wants the
 # low-score detections too). The configs' model.predict / model.evaluate default to these.
@@ -27,22 +27,14 @@ EVALUATE_DEFAULTS = {
 }
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
 def check_thresholds(thresholds: Mapping[str, Any], key: str) -> dict[str, Any]:
     """``{"score_threshold", "nms_threshold", "top_k", "pre_nms_top_k"}`` checked; ``key`` names
     the config entry in the error (e.g. ``model.predict``). Returns them as a plain dict."""
     checks = {
-        "score_threshold": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-        "nms_threshold": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
-        "top_k": (_count, "an integer >= 1"),
-        "pre_nms_top_k": (lambda v: v is None or _count(v), "an integer >= 1 or null (no cap)"),
+        "score_threshold": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "nms_threshold": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "top_k": (lambda v: is_int(v, 1), "an integer >= 1"),
+        "pre_nms_top_k": (lambda v: v is None or is_int(v, 1), "an integer >= 1 or null (no cap)"),
     }
     unknown = set(thresholds) - set(checks)
     if unknown:

@@ -11,7 +11,7 @@ from torchvision.ops import box_convert
 from ssd_lightning.core.anchors import anchor_pairs, generate_anchors
 from ssd_lightning.core.backbone import ResNet34Backbone
 from ssd_lightning.core.heads import SSDHeads
-from ssd_lightning.core.plain import to_plain
+from ssd_lightning.core.plain import is_int, to_plain
 from ssd_lightning.core.postprocess import PREDICT_DEFAULTS, postprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,7 +30,7 @@ def net_int_error(key: str, value: object) -> str | None:
     Also asked by the config validation, before the DataModule (whose ``data.image_size`` follows
     ``model.net.image_size``) would report a bad size under its own key and bound."""
     low, meaning = _NET_INTS[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    if not is_int(value, low):
         return f"model.net.{key}={value!r}: allowed values are integers >= {low} ({meaning})"
     return None
 

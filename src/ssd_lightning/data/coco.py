@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+from ssd_lightning.core.plain import is_int, is_number
 from ssd_lightning.data.coco_categories import categories, match_categories
 from ssd_lightning.data.dataset import DatasetReadError
 from ssd_lightning.data.segmentation import checked_segmentation
@@ -111,14 +111,6 @@ def _get(blob: Any, key: str) -> Any:
     return blob.get(key) if isinstance(blob, dict) else None
 
 
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
-
-
 def file_categories(
     blob: dict, path: Path, training: bool = True
 ) -> tuple[list[int], list[str], list[str]]:
@@ -169,7 +161,7 @@ def read_coco(
     files: dict[str, int] = {}
     for i, im in enumerate(blob["images"]):
         iid, name = _get(im, "id"), _get(im, "file_name")
-        if not _int(iid) or not isinstance(name, str) or not name:
+        if not is_int(iid) or not isinstance(name, str) or not name:
             raise _fail(path, f"images[{i}]: needs an integer 'id' and a 'file_name'")
         name = _name_on_disk(images_dir, name)
         if iid in entries:
@@ -185,7 +177,7 @@ def read_coco(
         if not file.is_file():
             raise _fail(path, f"images[{i}] (id {iid}): image file {file} not found")
         h, w = _get(im, "height"), _get(im, "width")
-        if not (_int(h) and _int(w) and h > 0 and w > 0):
+        if not (is_int(h) and is_int(w) and h > 0 and w > 0):
             w, h = _header_size(file, path, f"images[{i}] (id {iid})")
         entries[iid], position[iid] = {"file_name": name, "height": h, "width": w}, i
     if not entries:
@@ -208,7 +200,7 @@ def read_coco(
                 )
             shown = ", ".join(map(str, own_ids[:20])) + (" ..." if len(own_ids) > 20 else "")
             raise _fail(path, f"{where}: unknown category_id {cid!r} (the categories are {shown})")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
             raise _fail(
                 path, f"{where}: 'bbox' must be [x, y, width, height] numbers, got {bbox!r}"
             )

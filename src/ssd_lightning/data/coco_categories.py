@@ -17,13 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ssd_lightning.core.plain import is_int
 from ssd_lightning.data.class_match import match_classes
 
 log = logging.getLogger(__name__)
-
-
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def categories(
@@ -37,7 +34,7 @@ def categories(
     for i, c in enumerate(entries):
         cid = c.get("id") if isinstance(c, dict) else None
         name = c.get("name") if isinstance(c, dict) else None
-        if not _int(cid) or not isinstance(name, str) or not name:
+        if not is_int(cid) or not isinstance(name, str) or not name:
             raise ValueError(f"categories[{i}]: needs an integer 'id' and a non-empty 'name'")
         if cid in found:
             raise ValueError(f"categories[{i}]: duplicate category id {cid}")
@@ -52,7 +49,7 @@ def categories(
 def _placeholders(entries: list[dict], annotations: list) -> set[int]:
     """Ids of the categories without annotations whose name is another category's
     ``supercategory`` (a category may be its own, as COCO's ``person`` is)."""
-    used = {a.get("category_id") for a in annotations if _int(_get(a, "category_id"))}
+    used = {a.get("category_id") for a in annotations if is_int(_get(a, "category_id"))}
     return {
         c["id"]
         for c in entries

@@ -56,7 +56,7 @@ class CocoDataModule(DetectionDataModule):
         **options: Any,
     ) -> None:
         super().__init__(**options)
-        if isinstance(val_size, float) and not isinstance(val_size, bool):
+        if isinstance(val_size, float):
             if not 0 < val_size < 1:
                 raise ValueError(
                     f"data.val_size={val_size!r}: allowed values are a fraction in (0, 1) or an "

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ssd_lightning.core.plain import to_plain
+from ssd_lightning.core.plain import is_int, to_plain
 from ssd_lightning.data.batch import PlanBatch, TargetBatch, collate_fn, plan_collate
 from ssd_lightning.data.dataset import CLASS_NAMES, DetectionDataset
 from ssd_lightning.data.gpu.pixels import GpuAugmenter
@@ -49,7 +49,7 @@ def check_choice(key: str, value: Any, allowed: tuple) -> Any:
 
 def check_int(key: str, value: Any, low: int) -> None:
     """A ValueError naming ``data.<key>`` unless ``value`` is an integer >= ``low``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    if not is_int(value, low):
         raise ValueError(f"data.{key}={value!r}: allowed values are integers >= {low}")
 
 

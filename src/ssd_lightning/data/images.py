@@ -56,6 +56,17 @@ def broken_link_note(path: Path) -> str:
     return f" (a link to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files of ``folder`` by suffix, sorted, not recursive. A broken link is kept,
+    for the reader to report as skipped rather than to vanish from the count."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if (p.is_file() or (p.is_symlink() and not p.exists()))
+        and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
 def read_rgb(path: str | Path, exif_transpose: bool = True) -> Tensor:
     """Any image file -> uint8 (3, H, W) RGB. ``exif_transpose``: apply the EXIF orientation
     (photos; a dataset whose annotations refer to the stored pixels passes False)."""

@@ -16,6 +16,8 @@ import numpy as np
 from faster_coco_eval.core import mask as coco_mask
 from torch import Tensor
 
+from ssd_lightning.core.plain import is_number
+
 
 def rle_counts(counts: str) -> list[int]:
     """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``): 5-bit
@@ -96,17 +98,13 @@ def _filled_box(box: Tensor, h: int, w: int) -> np.ndarray:
     return mask
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
-
-
 def checked_segmentation(seg: Any) -> tuple[Any, int]:
     """(an annotation's ``segmentation`` without its polygons of fewer than 3 points, how many
     were left out): they cover no area, and pycocotools would read a 4-number one as a box. None
     when nothing is left. A ValueError for anything that is neither polygons nor RLE."""
     if seg is None:
         return None, 0
-    if isinstance(seg, list) and all(isinstance(p, list) and all(map(_number, p)) for p in seg):
+    if isinstance(seg, list) and all(isinstance(p, list) and all(map(is_number, p)) for p in seg):
         polygons = [p for p in seg if len(p) >= 6]
         if all(len(p) % 2 == 0 for p in polygons):
             return polygons or None, len(seg) - len(polygons)

@@ -23,6 +23,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2._utils import get_bounding_boxes, query_size
 
+from ssd_lightning.core.plain import is_number
 from ssd_lightning.data.mask_runs import visible_boxes
 
 ASPECT_OF = ("image", "box")  # what SafeBoxCenteredCrop's aspect bounds are relative to
@@ -244,8 +245,7 @@ class TightBoxes:
             ("min_pixels", min_pixels, math.inf, "a number >= 0"),
         )
         for key, value, top, allowed in checks:
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            if not (number and 0 <= value <= top):
+            if not (is_number(value, finite=False) and 0 <= value <= top):
                 raise ValueError(
                     f"augmentation.tight_boxes.{key}={value!r}: allowed values are {allowed}"
                 )

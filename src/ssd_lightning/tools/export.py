@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from ssd_lightning.config.errors import ConfigError, ExportCheckError
 from ssd_lightning.config.extras import require
+from ssd_lightning.core.plain import is_int
 from ssd_lightning.core.postprocess import check_thresholds
 from ssd_lightning.tools.onnx_export import MIN_OPSET, export_onnx
 from ssd_lightning.tools.onnx_parity import check_images, check_parity, parity_summary
@@ -30,7 +31,7 @@ def newest_opset() -> int:
 def check_export_options(fmt: str, opset: Any, stem: str | None) -> None:
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r}: allowed values are {', '.join(FORMATS)}")
-    if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
+    if not is_int(opset, MIN_OPSET):
         raise ConfigError(f"opset={opset!r}: allowed values are integers >= {MIN_OPSET}")
     if opset > (newest := newest_opset()):
         raise ConfigError(
@@ -63,7 +64,7 @@ def export_model(
         require(
             "onnxruntime", "onnxruntime", "onnx", "the parity check (check.enabled=false skips it)"
         )
-        if not isinstance(check_count, int) or isinstance(check_count, bool) or check_count < 1:
+        if not is_int(check_count, 1):
             raise ConfigError(
                 f"check.num_images={check_count!r}: allowed values are integers >= 1 (or "
                 "check.enabled=false)"

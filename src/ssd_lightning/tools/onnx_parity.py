@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ssd_lightning.core.postprocess import postprocess
 from ssd_lightning.core.ssd import SSD
-from ssd_lightning.data.images import IMAGE_SUFFIXES, InputError, read_rgb
+from ssd_lightning.data.images import InputError, image_files, read_rgb
 from ssd_lightning.data.presets import build_eval_transform
 from ssd_lightning.tools.onnx_runtime import (
     DETECTOR,
@@ -42,11 +42,7 @@ def check_images(folder: str | Path, count: int, image_size: int) -> tuple[Tenso
     root = Path(folder).expanduser()
     if not root.exists():
         raise InputError(f"check.images={root}: no such folder (or check.enabled=false)")
-    candidates = (
-        [root]  # one photo
-        if root.is_file()
-        else sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    )
+    candidates = [root] if root.is_file() else image_files(root)  # one photo, or a folder
     files, originals = [], []
     for f in candidates:
         if len(files) == count:

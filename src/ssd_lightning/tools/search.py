@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.core.plain import is_number
 
 RESULTS_FILE = "optimization_results.yaml"  # written by the Optuna sweeper
 # metric families whose direction is known (part of the name -> direction)
@@ -143,7 +144,7 @@ def read_results(sweep_dir: str | Path) -> SearchResults | None:
 
 def same_value(override: str, param: Any) -> bool:
     """A job's override value (a string) equals a sampled parameter."""
-    if isinstance(param, bool) or not isinstance(param, int | float):
+    if not is_number(param, finite=False):
         return override == str(param)
     try:
         return math.isclose(float(override), float(param), rel_tol=1e-9, abs_tol=1e-12)

@@ -36,6 +36,7 @@ import yaml
 
 from ssd_lightning.config.errors import ConfigError, ToolParser
 from ssd_lightning.config.job_status import read_job_status
+from ssd_lightning.core.plain import is_number
 from ssd_lightning.tools.search import SearchResults, read_results, same_value
 from ssd_lightning.visualize import figure_to_png, plot_summary
 
@@ -71,7 +72,7 @@ class Job:
         keys = dict(METRIC_COLUMNS).get(column, (column,))
         for k in keys:
             v = self.metrics.get(k)
-            if isinstance(v, int | float) and not isinstance(v, bool):
+            if is_number(v, finite=False):
                 return float(v) if math.isfinite(v) else None
         return None
 

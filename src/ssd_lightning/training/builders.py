@@ -51,10 +51,12 @@ def build_callbacks(cfg: DictConfig, has_logger: bool) -> list[Callback]:
 
 
 def build(
-    cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()
+    cfg: DictConfig, extra_callbacks: Sequence[Callback] = (), validated: bool = False
 ) -> tuple[SSDLitModule, L.LightningDataModule, L.Trainer]:
-    """Validate ``cfg`` and build (module, datamodule, trainer)."""
-    validate_config(cfg)
+    """Validate ``cfg`` (unless the caller did: ``validated=True``) and build (module,
+    datamodule, trainer)."""
+    if not validated:
+        validate_config(cfg)
     if torch.cuda.is_available():
         # fp32 matmuls outside autocast on TF32 tensor cores, as cuDNN's convolutions already
         # are (Lightning warns at every GPU run without it)

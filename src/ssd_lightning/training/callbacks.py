@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ssd_lightning.config.atomic import atomic_write
 from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.core.plain import is_number
 from ssd_lightning.data.dataset import CLASS_NAMES
 from ssd_lightning.training import epoch_sums
 from ssd_lightning.training.checkpoint import export_model
@@ -369,7 +370,7 @@ class LastCheckpoint(ModelCheckpoint):
         every_n_epochs: int = 1,
         min_interval_s: float = 0.0,
     ):
-        if not isinstance(min_interval_s, int | float) or not min_interval_s >= 0:
+        if not (is_number(min_interval_s, finite=False) and min_interval_s >= 0):
             raise ValueError(
                 f"callbacks.last_checkpoint.min_interval_s={min_interval_s!r}: "
                 "allowed values are numbers >= 0 (seconds; 0 = every epoch)"

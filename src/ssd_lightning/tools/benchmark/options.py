@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from ssd_lightning.config.errors import ConfigError, ToolParser
+from ssd_lightning.core.plain import is_int
 
 SECTIONS = ("bare", "step", "torchvision", "inference", "data", "fit")
 
@@ -102,19 +103,19 @@ def parse_options(argv: Sequence[str]) -> Options:
     # TypeError (or a silently truthy compile=maybe) once the timing has started
     ints = {"steps": 1, "repeats": 1, "warmup": 0, "data_samples": 1, "fit_epochs": 1, "seed": 0}
     for key, low in {**ints, "image_size": 64}.items():  # 64: the network's smallest input
-        if not _is_int(getattr(opts, key), low):
+        if not is_int(getattr(opts, key), low):
             raise OptionError(
                 f"benchmark option {key}={getattr(opts, key)!r}: must be an integer >= {low}"
             )
     for key in ("fit_batches", "fit_batch_size"):
-        if getattr(opts, key) is not None and not _is_int(getattr(opts, key), 1):
+        if getattr(opts, key) is not None and not is_int(getattr(opts, key), 1):
             raise OptionError(
                 f"benchmark option {key}={getattr(opts, key)!r}: must be null or an integer >= 1"
             )
     if not (
         isinstance(opts.batch_sizes, list)
         and opts.batch_sizes
-        and all(_is_int(b, 1) for b in opts.batch_sizes)
+        and all(is_int(b, 1) for b in opts.batch_sizes)
     ):
         raise OptionError(
             f"benchmark option batch_sizes={opts.batch_sizes!r}: must be a list of integers >= 1 "
@@ -134,7 +135,3 @@ def parse_options(argv: Sequence[str]) -> Options:
             f"benchmark option out={opts.out}: cannot create {out_dir} ({e.strerror})"
         ) from None
     return opts
-
-
-def _is_int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
