@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 from conftest import ROOT
 from tensorboard.backend.event_processing import event_accumulator as ea
 
@@ -57,3 +59,16 @@ def epoch_scalars(event_file: Path, tags: tuple[str, ...]) -> dict[str, list[flo
     acc = ea.EventAccumulator(str(event_file), size_guidance={ea.SCALARS: 0})
     acc.Reload()
     return {t: [e.value for e in sorted(acc.Scalars(t), key=lambda e: e.step)] for t in tags}
+
+
+class SignalAt(L.Callback):
+    """Sends ``signum`` to this process at the end of training step ``step`` (1-based: the
+    global step reached), for a stop at a chosen batch; once per process."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+        self.step, self.signum, self.sent = step, signum, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

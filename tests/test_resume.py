@@ -14,6 +14,7 @@ import torch
 from _runs import epoch_scalars, start_training, stop, wait_until
 from conftest import make_cfg, run_cli, tiny
 
+from ssd_lightning.config.errors import RunInterrupted
 from ssd_lightning.config.job_status import read_job_status
 from ssd_lightning.train import train
 from ssd_lightning.training.builders import build
@@ -96,6 +97,38 @@ def test_a_stopped_run_resumes_exactly(
     first = stopped_at // 3  # the epoch the resumed run starts in
     for tag in EPOCH_TAGS:
         assert got[tag] == want[tag][first:], tag
+
+
+@pytest.mark.slow
+def test_a_signal_at_an_epochs_last_batch_resumes_exactly(
+    straight_run: Path, tmp_path: Path
+) -> None:
+    """SIGTERM during the last batch of epoch 0 (Lightning then finishes the epoch, its end and
+    its logging, before it stops): the resumed run starts at epoch 1 and ends as the run that
+    was never stopped, every epoch logged once with the straight run's values."""
+    run = tmp_path / "run"
+    at_last_batch = ["+callbacks.signal_at._target_=_runs.SignalAt", "+callbacks.signal_at.step=3"]
+    with pytest.raises(RunInterrupted):
+        train(make_cfg([*E2E, *at_last_batch], run))
+    last = run / "checkpoints" / "last.ckpt"
+    assert _state(last)["global_step"] == 3 and _state(last)["epoch"] == 1  # the next to train
+    events_before = set((run / "tensorboard").glob("events.*"))
+
+    metrics = train(make_cfg([*E2E, f"resume={run}"], run))
+    assert metrics["status"] == "completed" and metrics["global_step"] == 9
+    _assert_same_network(
+        _state(last)["state_dict"], _state(straight_run / last.relative_to(run))["state_dict"]
+    )
+    (straight_events,) = (straight_run / "tensorboard").glob("events.*")
+    want = epoch_scalars(straight_events, EPOCH_TAGS)
+    (stopped_events,) = events_before
+    (resumed_events,) = set((run / "tensorboard").glob("events.*")) - events_before
+    before, after = (
+        epoch_scalars(stopped_events, EPOCH_TAGS),
+        epoch_scalars(resumed_events, EPOCH_TAGS),
+    )
+    for tag in EPOCH_TAGS:
+        assert before[tag] + after[tag] == want[tag], tag
 
 
 @pytest.mark.parametrize(
