@@ -100,6 +100,37 @@ def test_a_stopped_run_resumes_exactly(
 
 
 @pytest.mark.slow
+def test_a_ddp_run_stopped_by_sigterm_resumes_exactly(tmp_path: Path) -> None:
+    """Two CPU ranks (gloo): SIGTERM to the job's processes during epoch 1, every rank stops at
+    the same batch, and resume= ends as the DDP run that was never stopped: the same weights and
+    the same epoch averages (the stopped epoch's running sums are those of both ranks)."""
+    ddp = (*E2E, "trainer=ddp_cpu")
+    straight, run, log = tmp_path / "straight", tmp_path / "run", tmp_path / "stopped.log"
+    r = run_cli("ssd_lightning.train", *ddp, f"hydra.run.dir={straight}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    proc = start_training(log, *ddp, f"hydra.run.dir={run}")
+    last = run / "checkpoints" / "last.ckpt"
+    wait_until(last.is_file, proc, log, timeout=900)
+    time.sleep(1.0)  # into epoch 1
+    assert stop(proc, signal.SIGTERM) == 143, log.read_text()[-3000:]
+    stopped_at = _state(last)["global_step"]
+    assert 3 <= stopped_at < 9
+    events_before = set((run / "tensorboard").glob("events.*"))
+
+    r = run_cli("ssd_lightning.train", f"resume={run}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _assert_same_network(
+        _state(last)["state_dict"], _state(straight / last.relative_to(run))["state_dict"]
+    )
+    (resumed_events,) = set((run / "tensorboard").glob("events.*")) - events_before
+    (straight_events,) = (straight / "tensorboard").glob("events.*")
+    got = epoch_scalars(resumed_events, EPOCH_TAGS)
+    want = epoch_scalars(straight_events, EPOCH_TAGS)
+    for tag in EPOCH_TAGS:
+        assert got[tag] == want[tag][stopped_at // 3 :], tag
+
+
+@pytest.mark.slow
 def test_a_signal_at_an_epochs_last_batch_resumes_exactly(
     straight_run: Path, tmp_path: Path
 ) -> None:
