@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "ssd_lightning"
@@ -72,3 +75,81 @@ def test_developers_md_layout_names_every_file_and_only_files_that_exist() -> No
     named = set(re.findall(r"\b([a-z_]+\.py)\b", layout))
     existing = {p.name for d in (PACKAGE, ROOT / "tests") for p in d.rglob("*.py")}
     assert named - existing == set(), "DEVELOPERS.md names files that do not exist"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _top_level_imports(name: str) -> set[str]:
+    """What a module imports when it is imported: its module-level import statements (an import
+    inside a function is lazy, with its reason beside it), and its parent packages'."""
+    found: set[str] = set()
+    for node in ast.parse(MODULES[name].read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    parents = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+    return {_owner(f) for f in found} | {p for p in parents if p in MODULES}
+
+
+def _owner(imported: str) -> str:
+    """The package's module an imported name lives in, else the outside package's name."""
+    parts = imported.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in MODULES:
+            return ".".join(parts[:i])
+    return parts[0]
+
+
+def _closure(name: str) -> set[str]:
+    seen, todo = set(), [name]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current in MODULES:
+            todo.extend(_top_level_imports(current) - seen)
+    return seen
+
+
+def _layer(module: str) -> str:
+    return module.split(".")[1] if module.count(".") >= 1 else module
+
+
+@pytest.mark.parametrize(
+    ("layer", "allowed"),
+    [
+        ("core", {"core"}),  # the detector in plain PyTorch
+        ("config", {"config", "core"}),  # the one exit path knows errors by their bases
+        ("data", {"data", "config", "core"}),
+    ],
+)
+def test_each_layer_imports_only_the_layers_below_it(layer: str, allowed: set[str]) -> None:
+    wrong = {
+        f"{name} -> {dep}"
+        for name in MODULES
+        if _layer(name) == layer
+        for dep in _closure(name)
+        if dep.startswith("ssd_lightning.") and _layer(dep) not in allowed
+    }
+    assert not wrong, sorted(wrong)
+
+
+@pytest.mark.parametrize(
+    ("module", "outside"),
+    [
+        ("ssd_lightning.core", {"lightning", "hydra", "omegaconf"}),
+        ("ssd_lightning.predict", {"lightning"}),  # a trained .pt predicts without Lightning
+    ],
+)
+def test_what_a_module_never_pulls_in(module: str, outside: set[str]) -> None:
+    names = [m for m in MODULES if m == module or m.startswith(f"{module}.")]
+    pulled = {dep for name in names for dep in _closure(name)} & outside
+    assert not pulled, pulled

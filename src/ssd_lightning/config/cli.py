@@ -32,29 +32,25 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 import ssd_lightning.config.resolvers  # noqa: F401 - the ${ssd_*:} resolvers, before composing
 from ssd_lightning.config.errors import (
     ConfigError,
+    DataError,
     ExportCheckError,
     MissingDependencyError,
     RunFailed,
     RunInterrupted,
+    UserFileError,
 )
 from ssd_lightning.config.extras import check_plugins
 from ssd_lightning.config.job_status import record_failure
 from ssd_lightning.config.overrides import first_unparsable, quote_paths
 from ssd_lightning.config.paths import config_dir
-from ssd_lightning.data.dataset import DatasetReadError
-from ssd_lightning.data.download import DownloadError
-from ssd_lightning.data.images import InputError
-from ssd_lightning.data.manifest import DatasetIntegrityError
-from ssd_lightning.training.checkpoint import CheckpointError
 
 log = logging.getLogger("ssd_lightning")
 
 # (error types, the word the message starts with)
 USER_ERRORS: tuple[tuple[tuple[type[BaseException], ...], str], ...] = (
     ((ConfigError, MissingMandatoryValue, HydraException), "Config error"),
-    ((DatasetIntegrityError, DatasetReadError, DownloadError), "Data error"),
-    ((InputError, CheckpointError, FileNotFoundError), "Error"),
-    ((MissingDependencyError, ExportCheckError), "Error"),
+    ((DataError,), "Data error"),
+    ((UserFileError, FileNotFoundError, MissingDependencyError, ExportCheckError), "Error"),
 )
 _ALL_USER_ERRORS = tuple(t for types, _ in USER_ERRORS for t in types)
 

@@ -1,4 +1,7 @@
-"""The error every config mistake becomes: its message names the key and the allowed values."""
+"""The errors a person is shown as one message (``config.cli``: no traceback, exit status 2):
+``ConfigError`` for every config mistake (its message names the key and the allowed values), and
+the bases that errors of the data and of a user's files derive from, so that the one exit path
+knows them without importing the packages that raise them."""
 
 from __future__ import annotations
 
@@ -8,6 +11,17 @@ from typing import NoReturn
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the allowed values."""
+
+
+class DataError(Exception):
+    """A dataset that cannot be used as it is: files that do not match the committed manifest,
+    an image or mask that cannot be read, an archive that cannot be fetched. Shown as
+    "Data error: <message naming the file>"."""
+
+
+class UserFileError(Exception):
+    """A file a person gave (a photo, a model file) that is missing or cannot be read; the
+    message names it."""
 
 
 class MissingDependencyError(ImportError):

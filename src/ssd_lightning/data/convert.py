@@ -21,6 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ssd_lightning.config.cli import run_tool
 from ssd_lightning.config.errors import ToolParser
 from ssd_lightning.config.paths import data_dir
 from ssd_lightning.data.dataset import (
@@ -122,7 +123,4 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    # config.cli imports this package (its error types): imported here, not at the top
-    from ssd_lightning.config.cli import run_tool  # a mistake: one message, exit status 2
-
-    run_tool(main)
+    run_tool(main)  # a mistake: one message, exit status 2

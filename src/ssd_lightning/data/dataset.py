@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 
+from ssd_lightning.config.errors import DataError
 from ssd_lightning.data.images import InputError, read_rgb
 from ssd_lightning.data.manifest import IMAGE_DIR, MASK_DIR, list_image_names, mask_name
 from ssd_lightning.data.mask_runs import MaskRuns, mask_runs
@@ -39,7 +40,7 @@ CLASS_NAMES = ("background", "pedestrian")  # index = label
 Transform = Callable[[tv_tensors.Image, dict], tuple[tv_tensors.Image, dict]]
 
 
-class DatasetReadError(RuntimeError):
+class DatasetReadError(DataError, RuntimeError):
     """An image or mask file could not be read or does not fit its partner."""
 
 

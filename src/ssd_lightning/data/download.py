@@ -14,12 +14,13 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from ssd_lightning.config.errors import DataError
 from ssd_lightning.data.manifest import sha256_file
 
 URL = "https://www.cis.upenn.edu/~jshi/ped_html/PennFudanPed.zip"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(DataError, RuntimeError):
     """The archive could not be fetched, verified or extracted."""
 
 

@@ -18,11 +18,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from ssd_lightning.config.errors import UserFileError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
-class InputError(ValueError):
+class InputError(UserFileError, ValueError):
     """A missing or unreadable input; the message names it."""
 
 

@@ -15,7 +15,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from ssd_lightning.config.errors import ToolParser
+from ssd_lightning.config.cli import run_tool
+from ssd_lightning.config.errors import DataError, ToolParser
 from ssd_lightning.config.paths import data_dir
 
 IMAGE_DIR, MASK_DIR = "PNGImages", "PedMasks"
@@ -29,7 +30,7 @@ _FIX = (
 )
 
 
-class DatasetIntegrityError(RuntimeError):
+class DatasetIntegrityError(DataError, RuntimeError):
     """The dataset on disk does not match the committed manifest or split."""
 
 
@@ -188,10 +189,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    # config.cli imports this package (its error types): imported here, not at the top. The
-    # package's own copy of this module runs, so its DatasetIntegrityError is the one config.cli
-    # knows (this __main__ copy has a class of its own)
-    from ssd_lightning.config.cli import run_tool  # a mistake: one message, exit status 2
-    from ssd_lightning.data import manifest
-
-    run_tool(manifest.main)
+    run_tool(main)  # a mistake: one message, exit status 2

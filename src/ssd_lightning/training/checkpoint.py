@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ssd_lightning.config.atomic import atomic_write
+from ssd_lightning.config.errors import UserFileError
 from ssd_lightning.core.anchors import anchor_pairs
 from ssd_lightning.core.postprocess import EVALUATE_DEFAULTS, PREDICT_DEFAULTS
 from ssd_lightning.core.ssd import SSD
@@ -36,7 +37,7 @@ NET_PREFIX = "net."  # the network's keys in a Lightning checkpoint's state_dict
 EMA_PREFIX = "ema.net."  # its moving average's, preferred when present
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserFileError, ValueError):
     """A model file that is missing, unreadable or not written by ssd_lightning."""
 
 
