@@ -21,10 +21,15 @@ def test_a_bool_is_neither_an_integer_nor_a_number(value, low):
     assert not is_number(value) and not is_number(value, finite=False)
 
 
-@given(st.integers(), st.none() | st.integers())
+@given(st.integers(-(2**64), 2**64), st.none() | st.integers())
 def test_integers_against_their_bound(value, low):
     assert is_int(value, low) == (low is None or value >= low)
-    assert is_number(value)  # also beyond a float's range: an int is always finite
+    assert is_number(value) and is_number(value, finite=False)
+
+
+def test_an_integer_beyond_a_floats_range_is_not_a_finite_number():
+    huge = 10**400  # JSON allows it; float(huge) would overflow
+    assert is_int(huge) and not is_number(huge) and is_number(huge, finite=False)
 
 
 @given(st.floats(allow_nan=True, allow_infinity=True))

@@ -5,6 +5,7 @@ int, so every check of a user's value asks here rather than repeating the except
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,7 +26,10 @@ def is_int(value: Any, low: int | None = None) -> bool:
 
 
 def is_number(value: Any, finite: bool = True) -> bool:
-    """An int or a float (not a bool); finite unless ``finite=False``."""
+    """An int or a float (not a bool); finite unless ``finite=False`` (an int beyond a float's
+    range, which JSON allows, is not: it would overflow where it is used)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
-    return not finite or isinstance(value, int) or math.isfinite(value)
+    if isinstance(value, int):
+        return not finite or abs(value) <= sys.float_info.max
+    return not finite or math.isfinite(value)
