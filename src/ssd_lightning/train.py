@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -59,6 +58,7 @@ from ssd_lightning.training.run_outputs import (
     write_metrics_json,
     write_resolved_config,
 )
+from ssd_lightning.training.signals import stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -130,37 +130,6 @@ def _ddp_child_argv(argv: list[str]) -> list[str]:
     ]
 
 
-@contextlib.contextmanager
-def _stop_on_signals() -> Iterator[list[int]]:
-    """During the fit, SIGTERM (a scheduler's time limit) and SIGINT (Ctrl-C) stop the run at the
-    end of the current training batch: Lightning's SIGTERM handling (under DDP every rank stops at
-    the same batch), after which ``LastCheckpoint`` saves last.ckpt. A second SIGINT aborts at
-    once. Yields the signals received, in order."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():  # signals need the main thread
-        yield received
-        return
-
-    def on_sigterm(signum: int, frame: Any) -> None:  # Lightning calls this after its own
-        received.append(signum)
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
-        log.warning("SIGINT: stopping after this batch, saving the state (Ctrl-C again: abort)")
-        signal.raise_signal(signal.SIGTERM)
-
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def _flag(cfg: DictConfig, key: str) -> bool:
     """A true / false key (absent: false), checked before the fit so a typo fails at once."""
     value = OmegaConf.select(cfg, key, default=False)
@@ -230,7 +199,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended")
         warnings.filterwarnings("ignore", message=r"Checkpoint directory .* is not empty")
     stopped_by = None
-    with _stop_on_signals() as received, _ddp_launch_env(trainer):
+    with stop_on_signals() as received, _ddp_launch_env(trainer):
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:

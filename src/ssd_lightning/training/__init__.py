@@ -9,6 +9,7 @@
 - ``resume``       resume= / ckpt_path=: the checks before a resume, no silent reuse of a run dir
 - ``run_outputs``  what a run leaves besides checkpoints: metrics.json, TensorBoard HPARAMS
 - ``progress``     the bar on a terminal, one line per epoch anywhere else
+- ``signals``      SIGTERM / SIGINT stop a run at a batch, every DDP rank at the same one
 - ``epoch_sums``   a stopped epoch's running sums of its logged averages, added back on resume
 - ``classes``      a model's classes against a dataset's (matched by name)
 - ``builders``     a composed config -> (module, datamodule, trainer)

@@ -20,6 +20,7 @@ from ssd_lightning.training.callbacks import AugmentationPreview
 from ssd_lightning.training.checkpoint_io import RunCheckpointIO
 from ssd_lightning.training.lit_module import SSDLitModule
 from ssd_lightning.training.run_outputs import run_info
+from ssd_lightning.training.signals import StopTogether
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def build(
     datamodule = instantiate_checked(cfg.data, "data")  # cheap: data mistakes fail first
     module = instantiate_checked(cfg.model, "model", run_info=run_info(cfg))
     loggers = build_loggers(cfg)
-    callbacks = [*build_callbacks(cfg, has_logger=bool(loggers)), *extra_callbacks]
+    # StopTogether: under DDP a SIGTERM stops every rank at the same batch (training.signals)
+    callbacks = [*build_callbacks(cfg, has_logger=bool(loggers)), StopTogether(), *extra_callbacks]
     checkpointing: dict[str, bool] = {}
     if "enable_checkpointing" not in cfg.trainer and not any(
         isinstance(cb, ModelCheckpoint) for cb in callbacks
