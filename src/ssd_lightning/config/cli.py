@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import sys
 import warnings
@@ -220,7 +221,8 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
         try:
             hydra.main(version_base="1.3", config_path=path, config_name=config_name)(run)()
         except RunInterrupted as e:  # saved and recorded by the task; a sweep stops here too
-            print(f"\nInterrupted: {e}", file=sys.stderr)
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # said once, not by every DDP rank
+                print(f"\nInterrupted: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
         except SystemExit as e:
             # Hydra reports its own errors (an unknown key, a malformed override, an option no
