@@ -52,74 +52,23 @@ def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("signum", "workers"),
-    [(signal.SIGKILL, 0), (signal.SIGKILL, 2), (signal.SIGTERM, 2)],
-    ids=["kill-9-no-workers", "kill-9-two-workers", "sigterm-two-workers"],
-)
-def test_a_stopped_run_resumes_exactly(
-    straight_run: Path, tmp_path: Path, signum: int, workers: int
-) -> None:
-    """Stopped during its second epoch (the whole process group, workers included) and resumed
-    with resume=<run dir>: the same epochs, the same final weights and the same best model as
-    the run that was never stopped (whose batches, seeded per sample, do not depend on the
-    number of workers either)."""
-    run, log = tmp_path / "run", tmp_path / "stopped.log"
-    proc = start_training(log, *E2E, f"data.num_workers={workers}", f"hydra.run.dir={run}")
-    last = run / "checkpoints" / "last.ckpt"
-    wait_until(last.is_file, proc, log, timeout=900)  # epoch 0 is done and saved
+def _stop_in_epoch_1(run: Path, log: Path, overrides: tuple[str, ...], signum: int) -> int:
+    """Start a run and send ``signum`` to its process group (workers and DDP ranks included,
+    as a scheduler would) once epoch 0 is saved; its exit status."""
+    proc = start_training(log, *overrides, f"hydra.run.dir={run}")
+    wait_until((run / "checkpoints" / "last.ckpt").is_file, proc, log, timeout=900)
     time.sleep(1.0)  # into epoch 1
-    rc = stop(proc, signum)
-    assert rc == (-signal.SIGKILL if signum == signal.SIGKILL else 143), log.read_text()[-3000:]
+    return stop(proc, signum)
+
+
+def _resume_and_compare(run: Path, straight: Path) -> None:
+    """resume=<run>: the final weights of the run never stopped, and from the epoch the stop
+    came in, its epoch averages (also of that epoch: a SIGTERM's sums so far travel in
+    last.ckpt)."""
+    last = run / "checkpoints" / "last.ckpt"
     stopped_at = _state(last)["global_step"]
     assert 3 <= stopped_at < 9
     events_before = set((run / "tensorboard").glob("events.*"))
-
-    r = run_cli("ssd_lightning.train", f"resume={run}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    _assert_same_network(
-        _state(last)["state_dict"], _state(straight_run / last.relative_to(run))["state_dict"]
-    )
-    # the best of the whole run (also of the epochs before the stop) is the one exported
-    best, expected_best = _state(run / BEST), _state(straight_run / BEST)
-    assert best["epoch"] == expected_best["epoch"]
-    _assert_same_network(best["state_dict"], expected_best["state_dict"])
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["global_step"] == 9
-    assert read_job_status(run)["status"] == "COMPLETED"
-    # every epoch after the resume logs the straight run's values, also the epoch a SIGTERM
-    # stopped in the middle (its sums so far travel in last.ckpt)
-    (resumed_events,) = set((run / "tensorboard").glob("events.*")) - events_before
-    (straight_events,) = (straight_run / "tensorboard").glob("events.*")
-    got = epoch_scalars(resumed_events, EPOCH_TAGS)
-    want = epoch_scalars(straight_events, EPOCH_TAGS)
-    first = stopped_at // 3  # the epoch the resumed run starts in
-    for tag in EPOCH_TAGS:
-        assert got[tag] == want[tag][first:], tag
-
-
-@pytest.mark.slow
-def test_a_ddp_run_stopped_by_sigterm_resumes_exactly(tmp_path: Path) -> None:
-    """Two CPU ranks (gloo): SIGTERM to the job's processes during epoch 1, every rank stops at
-    the same batch, and resume= ends as the DDP run that was never stopped: the same weights and
-    the same epoch averages (the stopped epoch's running sums are those of both ranks)."""
-    ddp = (*E2E, "trainer=ddp_cpu")
-    straight, run, log = tmp_path / "straight", tmp_path / "run", tmp_path / "stopped.log"
-    r = run_cli("ssd_lightning.train", *ddp, f"hydra.run.dir={straight}")
-    assert r.returncode == 0, r.stderr[-3000:]
-    proc = start_training(log, *ddp, f"hydra.run.dir={run}")
-    last = run / "checkpoints" / "last.ckpt"
-    wait_until(last.is_file, proc, log, timeout=900)
-    time.sleep(1.0)  # into epoch 1
-    assert stop(proc, signal.SIGTERM) == 143, log.read_text()[-3000:]
-    # rank 1 got it twice (from the signal to the group, and forwarded by rank 0): with
-    # Lightning's own handler, which broadcasts inside the handler, that could hang the run
-    assert "[rank 1] received SIGTERM" in (run / "train_ddp_process_1.log").read_text()
-    stopped_at = _state(last)["global_step"]
-    assert 3 <= stopped_at < 9
-    events_before = set((run / "tensorboard").glob("events.*"))
-
     r = run_cli("ssd_lightning.train", f"resume={run}")
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_same_network(
@@ -131,6 +80,47 @@ def test_a_ddp_run_stopped_by_sigterm_resumes_exactly(tmp_path: Path) -> None:
     want = epoch_scalars(straight_events, EPOCH_TAGS)
     for tag in EPOCH_TAGS:
         assert got[tag] == want[tag][stopped_at // 3 :], tag
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "workers"),
+    [(signal.SIGKILL, 0), (signal.SIGKILL, 2), (signal.SIGTERM, 2)],
+    ids=["kill-9-no-workers", "kill-9-two-workers", "sigterm-two-workers"],
+)
+def test_a_stopped_run_resumes_exactly(
+    straight_run: Path, tmp_path: Path, signum: int, workers: int
+) -> None:
+    """Stopped during its second epoch and resumed with resume=<run dir>: the same epochs, the
+    same final weights and the same best model as the run that was never stopped (whose
+    batches, seeded per sample, do not depend on the number of workers either)."""
+    run, log = tmp_path / "run", tmp_path / "stopped.log"
+    rc = _stop_in_epoch_1(run, log, (*E2E, f"data.num_workers={workers}"), signum)
+    assert rc == (-signal.SIGKILL if signum == signal.SIGKILL else 143), log.read_text()[-3000:]
+    _resume_and_compare(run, straight_run)
+    # the best of the whole run (also of the epochs before the stop) is the one exported
+    best, expected_best = _state(run / BEST), _state(straight_run / BEST)
+    assert best["epoch"] == expected_best["epoch"]
+    _assert_same_network(best["state_dict"], expected_best["state_dict"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["global_step"] == 9
+    assert read_job_status(run)["status"] == "COMPLETED"
+
+
+@pytest.mark.slow
+def test_a_ddp_run_stopped_by_sigterm_resumes_exactly(tmp_path: Path) -> None:
+    """Two CPU ranks (gloo): SIGTERM to the job's processes during epoch 1, every rank stops at
+    the same batch, and resume= ends as the DDP run that was never stopped: the same weights and
+    the same epoch averages (the stopped epoch's running sums are those of both ranks)."""
+    ddp = (*E2E, "trainer=ddp_cpu")
+    straight, run, log = tmp_path / "straight", tmp_path / "run", tmp_path / "stopped.log"
+    r = run_cli("ssd_lightning.train", *ddp, f"hydra.run.dir={straight}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _stop_in_epoch_1(run, log, ddp, signal.SIGTERM) == 143, log.read_text()[-3000:]
+    # rank 1 got it twice (from the signal to the group, and forwarded by rank 0): with
+    # Lightning's own handler, which broadcasts inside the handler, that could hang the run
+    assert "[rank 1] received SIGTERM" in (run / "train_ddp_process_1.log").read_text()
+    _resume_and_compare(run, straight)
 
 
 @pytest.mark.slow
