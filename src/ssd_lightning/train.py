@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.config.cli import exit_with_error, hydra_main, message_of
 from ssd_lightning.config.errors import ConfigError, RunInterrupted
-from ssd_lightning.config.job_status import write_job_status
+from ssd_lightning.config.job_status import launching_process, write_job_status
 from ssd_lightning.config.validation import validate_config
 from ssd_lightning.core.anchors import fitted_override_note
 from ssd_lightning.evaluate import evaluate, run_eval_config
@@ -184,7 +184,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module, datamodule, trainer = build(cfg, validated=True)
     if ckpt_path is not None:
         use_checkpoint_classes(cfg, ckpt_path, datamodule)
-    if trainer.is_global_zero and os.environ.get("LOCAL_RANK", "0") == "0":
+    if trainer.is_global_zero and launching_process():
         write_resolved_config(cfg, output_dir)
         if print_config:
             log.info("config (%s):\n%s", output_dir / RESOLVED_CONFIG_FILE, resolved_yaml(cfg))
@@ -218,7 +218,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_metrics_json(output_dir / METRICS_FILE, metrics)
         shown = {k: v for k, v in metrics.items() if k.startswith(("val/", "train/loss"))}
         log.info("final metrics: %s", json.dumps(shown, sort_keys=True))
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # after DDP: the launching process alone
+        if launching_process():  # after DDP: the launching process alone
             _test_after_fit(cfg, output_dir, metrics)
     if stopped_by is not None:
         name = signal.Signals(stopped_by).name

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 import sys
 import warnings
@@ -41,7 +40,7 @@ from ssd_lightning.config.errors import (
     UserFileError,
 )
 from ssd_lightning.config.extras import check_plugins
-from ssd_lightning.config.job_status import record_failure
+from ssd_lightning.config.job_status import launching_process, record_failure
 from ssd_lightning.config.overrides import first_unparsable, quote_paths
 from ssd_lightning.config.paths import config_dir
 
@@ -221,7 +220,7 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
         try:
             hydra.main(version_base="1.3", config_path=path, config_name=config_name)(run)()
         except RunInterrupted as e:  # saved and recorded by the task; a sweep stops here too
-            if os.environ.get("LOCAL_RANK", "0") == "0":  # said once, not by every DDP rank
+            if launching_process():  # said once, not by every DDP rank
                 print(f"\nInterrupted: {e}", file=sys.stderr)
             sys.exit(e.exit_code)
         except SystemExit as e:

@@ -52,11 +52,17 @@ def write_job_status(
     return write_json(Path(job_dir) / JOB_STATUS_FILE, info)
 
 
+def launching_process() -> bool:
+    """Not a DDP child that Lightning started on this node (LOCAL_RANK > 0): the children share
+    the launching process's run dir and console, so what is written or said once is left to it."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def record_failure(error: str) -> None:
     """FAILED in the current Hydra job's ``job_status.json``, for a task that leaves the process
     without returning to Hydra (a user error outside a sweep exits with status 2), so that an
     earlier status (e.g. INTERRUPTED of the run a refused resume= came from) is not left there."""
-    if not HydraConfig.initialized() or os.environ.get("LOCAL_RANK", "0") != "0":
+    if not HydraConfig.initialized() or not launching_process():
         return
     hc = HydraConfig.get()
     if "job_status" in (hc.callbacks or {}):
@@ -65,7 +71,7 @@ def record_failure(error: str) -> None:
 
 class JobStatusCallback(Callback):
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
-        if os.environ.get("LOCAL_RANK", "0") != "0":  # DDP children share the parent's dir
+        if not launching_process():
             return
         try:
             out = Path(job_return.hydra_cfg.hydra.runtime.output_dir)
