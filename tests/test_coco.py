@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import PENNFUDAN, make_cfg, one_error_line, run_cli, tiny
+from hydra.utils import instantiate
 from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
+from ssd_lightning.config.cli import message_of
 from ssd_lightning.config.errors import ConfigError
 from ssd_lightning.config.paths import load_option
 from ssd_lightning.data.batch import collate_fn
@@ -105,17 +107,17 @@ def test_same_val_map_from_the_same_checkpoint(tiny_run: dict, tmp_path: Path):
     common = ["data.num_workers=0", "data.batch_size=10", "trainer.accelerator=cpu"]
     common += ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=2"]
     out = {}
-    for data in ("pennfudan", "coco"):
+    for data in ("pennfudan", "pennfudan_coco"):
         cfg = make_cfg([ckpt, f"data={data}", f"output={tmp_path / data}.json", *common],
                        tmp_path / data, "evaluate")  # fmt: skip
         out[data] = evaluate(cfg)
     for key in ("map", "map_50", "map_75", "mar_100", "val/loss", "num_images"):
-        assert out["coco"][key] == pytest.approx(out["pennfudan"][key], abs=1e-6), key
-    assert out["coco"]["num_images"] == 50
+        assert out["pennfudan_coco"][key] == pytest.approx(out["pennfudan"][key], abs=1e-6), key
+    assert out["pennfudan_coco"]["num_images"] == 50
 
 
 def test_anchor_report_on_coco_measures_its_training_boxes(compose_cfg):
-    cfg = compose_cfg(["data=coco", "anchors=ssd"])
+    cfg = compose_cfg(["data=pennfudan_coco", "anchors=ssd"])
     rep = report(cfg)
     blob = json.loads((COCO / "train.json").read_text())
     assert rep["coverage"]["boxes"] == len(blob["annotations"])
@@ -377,7 +379,11 @@ def test_boxes_outside_or_without_size_are_clipped_or_dropped_and_counted(tmp_pa
     with caplog.at_level(logging.WARNING, logger="ssd_lightning.data.coco"):
         ann = read_coco(path, IMAGES)
     assert ann.clipped == 1 and ann.dropped == 3
-    assert f"{path}: 1 box(es) clipped to their image, 3 dropped" in caplog.text
+    assert (
+        f"{path}: 1 box(es) clipped to their image (annotations[1] (id 11)), 3 dropped "
+        "(non-positive size or outside the image) (annotations[2] (id 12), annotations[3] "
+        "(id 13), annotations[4] (id 14))"
+    ) in caplog.text
     assert ann.images[0].boxes.tolist() == [[160, 180, 300, 430], [500, 400, 559, 536]]
 
 
@@ -474,11 +480,111 @@ def test_a_roboflow_placeholder_category_is_no_class(tmp_path, caplog):
 
 
 def test_an_image_of_another_size_than_its_entry_is_named(tmp_path):
+    # refused when the file is read (its boxes would be clipped at the wrong edges), not later
     blob = _small()
     blob["images"][0]["height"] = 500
-    ds = CocoDataset(read_coco(_write(tmp_path, blob), IMAGES))
-    with pytest.raises(CocoFormatError, match="image id 1 says 500x559"):
+    with pytest.raises(CocoFormatError, match=r"images\[0\] \(id 1\): says 500x559 \(HxW\) but"):
+        read_coco(_write(tmp_path, blob), IMAGES)
+    # an image replaced after the file was read: refused where it is loaded
+    shutil.copy(IMAGES / NAMES[0], tmp_path / "photo.png")
+    blob = _small()
+    blob["images"][0]["file_name"] = "photo.png"
+    ds = CocoDataset(read_coco(_write(tmp_path, blob), tmp_path))
+    Image.open(IMAGES / NAMES[1]).save(tmp_path / "photo.png")
+    with pytest.raises(CocoFormatError, match="image id 1 says 536x559"):
         ds.raw(0)
+
+
+def test_an_image_that_fails_to_decode_is_named_with_its_entry(tmp_path):
+    data = (IMAGES / NAMES[0]).read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # the header reads, the rest not
+    blob = _small()
+    blob["images"][0]["file_name"] = "cut.png"
+    path = _write(tmp_path, blob)
+    with pytest.raises(CocoFormatError, match=r"images\[0\] \(id 1\): cannot read image file"):
+        read_coco(path, tmp_path)  # caught at start-up, with the size given or not
+    (tmp_path / "cut.png").write_bytes(data)
+    ds = CocoDataset(read_coco(path, tmp_path))
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # broken after the start-up
+    with pytest.raises(CocoFormatError, match=rf"{path}: image id 1: image file .*cut.png"):
+        ds.raw(0)
+
+
+def test_a_file_name_too_long_for_the_file_system_is_named_with_its_entry(tmp_path):
+    blob = _small()
+    blob["images"][0]["file_name"] = "x" * 300 + ".png"
+    with pytest.raises(CocoFormatError, match=r"images\[0\] \(id 1\): image file .*too long"):
+        read_coco(_write(tmp_path, blob), IMAGES)
+
+
+def test_a_broken_rle_is_named_when_the_file_is_read(tmp_path):
+    good = rle_encode(np.ones((536, 559), dtype=bool))
+    blob = _small()
+    for seg, message in [
+        ({"size": [536, 559], "counts": "o"}, "end in the middle of a number"),
+        ({"size": [536, 559], "counts": good["counts"][:-1]}, "compressed RLE counts"),
+        ({"size": [536, 559], "counts": [5, 3]}, "cover 8 pixels, not 536x559"),
+        ({"size": [536, -1], "counts": [5]}, "'size' must be"),
+        ({"size": [20, 10], "counts": [200]}, "RLE size [20, 10] but image id 1 is 536x559"),
+    ]:
+        blob["annotations"][0]["segmentation"] = seg
+        with pytest.raises(CocoFormatError, match=r"annotations\[0\] \(id 10\): ") as e:
+            read_coco(_write(tmp_path, blob), IMAGES)
+        assert message in str(e.value)
+
+
+def test_categories_sharing_a_name_stay_apart(tmp_path, caplog):
+    blob = _small()
+    blob["categories"] = [{"id": 42, "name": "thing"}, {"id": 7, "name": "thing"}]
+    blob["annotations"].append(dict(blob["annotations"][0], id=11, category_id=42))
+    blob["annotations"][0]["category_id"] = 7
+    with caplog.at_level(logging.WARNING):
+        ann = read_coco(_write(tmp_path, blob), IMAGES)
+    assert ann.class_names == ["background", "thing (id 7)", "thing (id 42)"]
+    assert "share a name" in caplog.text
+
+
+def test_a_json_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_text(json.dumps(_small()), encoding="utf-8-sig")  # as some Windows tools write
+    assert read_coco(path, IMAGES).class_names == ["background", "person"]
+
+
+def test_val_images_in_a_folder_of_their_own(tmp_path):
+    # Roboflow / CVAT exports: train/ and valid/, each with its images and its JSON
+    for part, name in (("train", NAMES[0]), ("valid", NAMES[1])):
+        (tmp_path / part).mkdir()
+        shutil.copy(IMAGES / name, tmp_path / part / name)
+        blob = pennfudan_to_coco(PENNFUDAN, [name])
+        _write(tmp_path / part, blob, "_annotations.coco.json")
+    dm = CocoDataModule(
+        images_dir=tmp_path / "train",
+        train_json=tmp_path / "train" / "_annotations.coco.json",
+        val_json=tmp_path / "valid" / "_annotations.coco.json",
+        val_images_dir=tmp_path / "valid",
+        num_workers=0,
+        preload=False,
+        augmentation=load_option("augmentation", "none"),
+    )
+    dm.setup("fit")
+    assert dm.train_set.names == [NAMES[0]] and dm.val_set.names == [NAMES[1]]
+    assert dm.val_set.image_path(0) == tmp_path / "valid" / NAMES[1]
+    with pytest.raises(CocoFormatError, match="data.val_images_dir="):
+        CocoDataModule(
+            images_dir=tmp_path / "train",
+            train_json=tmp_path / "train" / "_annotations.coco.json",
+            val_json=tmp_path / "valid" / "_annotations.coco.json",
+            val_images_dir=tmp_path / "nope",
+        )
+
+
+def test_coco_without_its_paths_names_the_key(compose_cfg):
+    cfg = compose_cfg(["data=coco"])
+    with pytest.raises(Exception) as e:
+        instantiate(cfg.data)
+    assert message_of(e.value) == (
+        "data.images_dir is not set (its config says ???): give it, e.g. data.images_dir=<value>"
+    )
 
 
 @pytest.mark.parametrize(
@@ -487,6 +593,7 @@ def test_an_image_of_another_size_than_its_entry_is_named(tmp_path):
         (6, (40, 20), True),  # a phone's portrait photo, annotated as displayed
         (6, (20, 40), False),  # ... by a tool that ignored the orientation: the entry says so
         (3, (20, 40), True),  # upside down: the sizes agree, the photo as displayed
+        (6, None, True),  # an entry without a size: the photo as displayed
     ],
 )
 def test_photos_are_read_in_the_orientation_they_were_annotated(
@@ -497,16 +604,16 @@ def test_photos_are_read_in_the_orientation_they_were_annotated(
     exif = Image.Exif()
     exif[0x0112] = orientation  # EXIF Orientation
     Image.fromarray(rgb).save(tmp_path / "photo.png", exif=exif)
-    h, w = entry_hw
+    size = {} if entry_hw is None else {"height": entry_hw[0], "width": entry_hw[1]}
     blob = {
-        "images": [{"id": 1, "file_name": "photo.png", "height": h, "width": w}],
+        "images": [{"id": 1, "file_name": "photo.png", **size}],
         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]}],
         "categories": [{"id": 1, "name": "thing"}],
     }
     ds = CocoDataset(read_coco(_write(tmp_path, blob), tmp_path))
     img, target = ds.raw(0)
     expected = read_rgb(tmp_path / "photo.png", exif_transpose=as_shown)
-    assert torch.equal(img, expected) and tuple(img.shape[-2:]) == entry_hw
+    assert torch.equal(img, expected) and tuple(img.shape[-2:]) == (entry_hw or (40, 20))
     assert not torch.equal(expected, read_rgb(tmp_path / "photo.png", exif_transpose=not as_shown))
     assert target["boxes"].tolist() == [[2, 2, 12, 12]]
 
@@ -557,6 +664,7 @@ def test_cli_missing_coco_file_is_one_message(tmp_path):
     r = run_cli(
         "ssd_lightning.train",
         "data=coco",
+        f"data.images_dir={IMAGES}",
         f"data.train_json={tmp_path / 'nope.json'}",
         f"hydra.run.dir={tmp_path / 'run'}",
     )

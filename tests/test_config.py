@@ -23,6 +23,7 @@ from ssd_lightning.core.postprocess import EVALUATE_DEFAULTS, PREDICT_DEFAULTS
 from ssd_lightning.training.builders import build, build_callbacks, build_loggers
 
 CONF = ROOT / "conf"
+DATA = ROOT / "data"
 GROUPS = [
     "data",
     "augmentation",
@@ -50,6 +51,11 @@ def test_every_group_has_options() -> None:
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Path) -> None:
     small = ["model.net.image_size=128"] if group in ("anchors", "model") else []
+    # data=coco is every user's own dataset: its paths are theirs to give (the example's here)
+    own = [f"data.images_dir={DATA / 'PennFudanPed' / 'PNGImages'}"] if option == "coco" else []
+    if own:  # its seeded split is recorded in the run, not beside the repo's train.json
+        own += [f"data.train_json={DATA / 'pennfudan_coco' / 'train.json'}"]
+        own += [f"data.split_file={tmp_path / 'split.json'}"]
     cfg = make_cfg(
         [
             f"{group}={option}",
@@ -57,6 +63,7 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path: Pat
             "data.num_workers=0",
             "data.preload=false",
             *small,
+            *own,
         ],
         tmp_path / "run",
     )

@@ -233,9 +233,8 @@ def predict(
             }
             if draw:
                 width = max(2, round(max(h, w) / 300))
-                drawn = draw_detections(
-                    orig, det, class_names=class_names, width=width, show_class=len(class_names) > 2
-                )
+                # the class name on every box, one class or many: the picture says what was found
+                drawn = draw_detections(orig, det, class_names=class_names, width=width)
                 target = out_dir / drawings[f]
                 Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(target)
                 record["output"] = str(target)

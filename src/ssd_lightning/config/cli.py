@@ -99,6 +99,10 @@ def message_of(error: BaseException | str) -> str:
     if isinstance(error, HydraException):
         return hydra_message(error)
     text = str(error)
+    missing = re.search(r"Missing mandatory value: ([\w.\[\]]+)", text)
+    if missing:  # OmegaConf's, over three lines; the key is what the user needs
+        key = missing[1]
+        return f"{key} is not set (its config says ???): give it, e.g. {key}=<value>"
     if "Original Traceback" in text:
         last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
         text = re.sub(r"^[\w.]+: ", "", last.strip())  # "pkg.module.SomeError: message"

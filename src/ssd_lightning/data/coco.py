@@ -79,7 +79,7 @@ def load_coco_json(path: str | Path, key: str = "data.train_json") -> dict:
     if not path.is_file():
         raise CocoFormatError(f"{key}={path}: no such file (a COCO annotation JSON)")
     try:
-        blob = json.loads(path.read_text())
+        blob = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is no error
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _fail(path, f"not valid JSON ({e})") from e
     lists = ("images", "annotations", "categories")
@@ -128,6 +128,7 @@ def read_coco(
     images_dir: str | Path,
     reference: CocoAnnotations | None = None,
     key: str = "data.train_json",
+    dir_key: str = "data.images_dir",
 ) -> CocoAnnotations:
     """Read and check a COCO detection file whose ``file_name`` entries lie under ``images_dir``.
 
@@ -154,7 +155,7 @@ def read_coco(
         label_of = match_categories(own_ids, own_names, ids, names, path, reference.path)
     own_name = dict(zip(own_ids, own_names, strict=True))
     if not images_dir.is_dir():
-        raise CocoFormatError(f"data.images_dir={images_dir}: no such folder")
+        raise CocoFormatError(f"{dir_key}={images_dir}: no such folder")
 
     entries: dict[int, dict] = {}
     position: dict[int, int] = {}
@@ -173,18 +174,22 @@ def read_coco(
                 path, f"images[{i}] (id {iid}): file_name {name} also in images[{files[name]}]"
             )
         files[name] = i
-        file = images_dir / name
-        if not file.is_file():
-            raise _fail(path, f"images[{i}] (id {iid}): image file {file} not found")
-        h, w = _get(im, "height"), _get(im, "width")
-        if not (is_int(h) and is_int(w) and h > 0 and w > 0):
-            w, h = _header_size(file, path, f"images[{i}] (id {iid})")
+        file, where = images_dir / name, f"images[{i}] (id {iid})"
+        try:
+            found = file.is_file()
+        except OSError as e:  # e.g. a name too long for the file system
+            raise _fail(path, f"{where}: image file {file}: {e.strerror}") from None
+        if not found:
+            raise _fail(path, f"{where}: image file {file} not found")
+        h, w = _entry_size(im, file, path, where)
         entries[iid], position[iid] = {"file_name": name, "height": h, "width": w}, i
     if not entries:
         raise _fail(path, "an empty dataset: the 'images' list is empty")
 
     per_image: dict[int, list[tuple]] = {iid: [] for iid in entries}
-    clipped = dropped = degenerate = 0
+    clipped: list[str] = []  # the entries, for the log line
+    dropped: list[str] = []
+    degenerate = 0
     has_seg = False
     for i, a in enumerate(blob["annotations"]):
         iid, cid, bbox = _get(a, "image_id"), _get(a, "category_id"), _get(a, "bbox")
@@ -208,24 +213,31 @@ def read_coco(
         h, w = entries[iid]["height"], entries[iid]["width"]
         box = [max(x, 0.0), max(y, 0.0), min(x + bw, float(w)), min(y + bh, float(h))]
         if bw <= 0 or bh <= 0 or box[2] <= box[0] or box[3] <= box[1]:
-            dropped += 1
+            dropped.append(where)
             continue
-        clipped += box != [x, y, x + bw, y + bh]
+        if box != [x, y, x + bw, y + bh]:
+            clipped.append(where)
         try:
             seg, left_out = checked_segmentation(_get(a, "segmentation") or None)
         except ValueError as e:
             raise _fail(path, f"{where}: {e}") from None
+        if isinstance(seg, dict) and list(seg["size"]) != [h, w]:
+            raise _fail(
+                path, f"{where}: RLE size {seg['size']} but image id {iid} is {h}x{w} (HxW)"
+            )
         degenerate += left_out
         has_seg |= seg is not None
         crowd = _get(a, "iscrowd") in (1, True, "1")  # "0" is no crowd, as 0 is
         per_image[iid].append((box, label_of[cid], crowd, _get(a, "id"), seg))
     if clipped or dropped:
         log.warning(
-            "%s: %d box(es) clipped to their image, %d dropped (non-positive size or outside "
-            "the image)",
+            "%s: %d box(es) clipped to their image%s, %d dropped (non-positive size or outside "
+            "the image)%s",
             path,
-            clipped,
-            dropped,
+            len(clipped),
+            _examples(clipped),
+            len(dropped),
+            _examples(dropped),
         )
     if degenerate:
         log.warning(
@@ -252,8 +264,15 @@ def read_coco(
             )
         )
     return CocoAnnotations(
-        path, images_dir, images, ids, [BACKGROUND, *names], clipped, dropped, has_seg
+        path, images_dir, images, ids, [BACKGROUND, *names], len(clipped), len(dropped), has_seg
     )
+
+
+def _examples(entries: list[str], shown: int = 3) -> str:
+    """' (annotations[4] (id 9), ...)': the first entries of a log line's count."""
+    if not entries:
+        return ""
+    return f" ({', '.join(entries[:shown])}{', ...' if len(entries) > shown else ''})"
 
 
 def _name_on_disk(images_dir: Path, name: str) -> str:
@@ -266,14 +285,33 @@ def _name_on_disk(images_dir: Path, name: str) -> str:
     return name
 
 
-def _header_size(file: Path, path: Path, where: str) -> tuple[int, int]:
-    """(width, height) of an image file from its header (no pixel decode), for an entry without
-    them; an unreadable file is named with the entry."""
+# EXIF orientations that turn the stored pixels by 90 degrees (as displayed: width <-> height)
+_TURNED = {5, 6, 7, 8}
+
+
+def _entry_size(im: dict, file: Path, path: Path, where: str) -> tuple[int, int]:
+    """(height, width) of an image entry as annotated, checked against the file's header (no
+    pixel decode), so boxes are clipped at the image's real edges: the entry's own size when the
+    image has it as displayed (EXIF orientation applied) or as stored (a tool that ignored the
+    orientation); an entry without one takes the displayed size. A size that matches neither,
+    or an unreadable file, is named with the entry."""
     try:
         with Image.open(file) as pil:
-            return pil.size
+            stored = pil.size[::-1]  # (H, W)
+            turned = pil.getexif().get(0x0112) in _TURNED
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise _fail(path, f"{where}: cannot read image file {file} ({e})") from e
+    shown = stored[::-1] if turned else stored
+    h, w = _get(im, "height"), _get(im, "width")
+    if not (is_int(h, low=1) and is_int(w, low=1)):
+        return shown
+    if (h, w) not in (shown, stored):
+        raise _fail(
+            path,
+            f"{where}: says {h}x{w} (HxW) but {file} is {shown[0]}x{shown[1]}"
+            + (f" ({stored[0]}x{stored[1]} as stored)" if shown != stored else ""),
+        )
+    return h, w
 
 
 @functools.cache

@@ -43,7 +43,15 @@ def categories(
         raise ValueError("no categories (the 'categories' list is empty)")
     left_out = [] if annotations is None else _placeholders(entries, annotations)
     ids = sorted(c for c in found if c not in left_out)
-    return ids, [found[c] for c in ids], [f"{c} ({found[c]})" for c in sorted(left_out)]
+    names = [found[c] for c in ids]
+    shared = [c for c in ids if names.count(found[c]) > 1]
+    if shared:  # classes are told apart by name (per-class AP, a model meeting other data)
+        renamed = {c: f"{found[c]} (id {c})" for c in shared}
+        names = [renamed.get(c, found[c]) for c in ids]
+        log.warning(
+            "categories share a name; the classes are named %s", ", ".join(renamed.values())
+        )
+    return ids, names, [f"{c} ({found[c]})" for c in sorted(left_out)]
 
 
 def _placeholders(entries: list[dict], annotations: list) -> set[int]:

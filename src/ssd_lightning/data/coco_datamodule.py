@@ -36,7 +36,9 @@ class CocoDataModule(DetectionDataModule):
     """COCO train/val/test loaders.
 
     images_dir: the folder the ``file_name`` entries are relative to. train_json / val_json: the
-    annotation files (``val_json`` null: a seeded split of ``train_json``). val_size: images the
+    annotation files (``val_json`` null: a seeded split of ``train_json``). val_images_dir: the
+    folder of ``val_json``'s images when it is another (an export with a folder per subset;
+    null = ``images_dir``). val_size: images the
     split holds out: a count, or a fraction in (0, 1); 0 = no validation. split_seed: the split's
     seed. split_file: where the split is recorded (null = ``<train_json stem>_split.json`` beside
     it; ``<train_json stem>_split_seed<N>.json`` for a split_seed other than the default).
@@ -53,6 +55,7 @@ class CocoDataModule(DetectionDataModule):
         split_seed: int = SPLIT_SEED,
         split_file: str | Path | None = None,
         num_classes: int | None = None,
+        val_images_dir: str | Path | None = None,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -80,7 +83,10 @@ class CocoDataModule(DetectionDataModule):
         self.train_ann: CocoAnnotations = read_coco(self.train_json, self.root)
         self.val_ann: CocoAnnotations | None = None
         if self.val_json is not None:
-            self.val_ann = read_coco(self.val_json, self.root, self.train_ann, key="data.val_json")
+            val_root = self.root if val_images_dir is None else Path(val_images_dir).expanduser()
+            self.val_ann = read_coco(
+                self.val_json, val_root, self.train_ann, "data.val_json", "data.val_images_dir"
+            )
         self._check_num_classes(num_classes, self.class_names, str(self.train_json))
         self._split: dict[str, Any] | None = None
 

@@ -22,7 +22,7 @@ from torch import Tensor
 from torchvision import tv_tensors
 
 from ssd_lightning.data.coco import CocoAnnotations, CocoFormatError, CocoImage
-from ssd_lightning.data.dataset import DetectionDataset, Transform, load_image
+from ssd_lightning.data.dataset import DatasetReadError, DetectionDataset, Transform, load_image
 from ssd_lightning.data.mask_runs import MaskRuns, mask_runs
 from ssd_lightning.data.segmentation import segmentation_mask
 
@@ -100,11 +100,14 @@ class CocoDataset(DetectionDataset):
         tools show a phone's photo), unless only the stored pixels have the entry's size (a tool
         that ignored the orientation)."""
         entry, path = self.entries[index], str(self.image_path(index))
-        shown = load_image(path, exif_transpose=True)
-        if shown.shape[-2:] != (entry.height, entry.width):
-            stored = load_image(path)
-            if stored.shape[-2:] == (entry.height, entry.width):
-                return stored
+        try:
+            shown = load_image(path, exif_transpose=True)
+            if shown.shape[-2:] != (entry.height, entry.width):
+                stored = load_image(path)
+                if stored.shape[-2:] == (entry.height, entry.width):
+                    return stored
+        except DatasetReadError as e:  # named with the entry, as every check of the file
+            raise CocoFormatError(f"{self.annotations.path}: image id {entry.id}: {e}") from e
         return shown
 
     def _keep(self, entry: CocoImage) -> Tensor:

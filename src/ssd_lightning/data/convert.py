@@ -21,8 +21,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from ssd_lightning.config.atomic import atomic_write
 from ssd_lightning.config.cli import run_tool
-from ssd_lightning.config.errors import ToolParser
+from ssd_lightning.config.errors import ToolParser, UserFileError
 from ssd_lightning.config.paths import data_dir
 from ssd_lightning.data.dataset import (
     CLASS_NAMES,
@@ -112,13 +113,17 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
                 f"--split {split}: {len(unknown)} image(s) not under {root / IMAGE_DIR}, e.g. "
                 f"{unknown[0]}"
             )
-    out.mkdir(parents=True, exist_ok=True)
     written = []
-    for part, names in parts.items():
-        path = out / f"{part}.json"
-        path.write_text(json.dumps(pennfudan_to_coco(root, names)) + "\n")
-        written.append(path)
-        print(f"wrote {path} ({len(names)} images)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for part, names in parts.items():
+            path = out / f"{part}.json"
+            with atomic_write(path) as tmp:
+                tmp.write_text(json.dumps(pennfudan_to_coco(root, names)) + "\n")
+            written.append(path)
+            print(f"wrote {path} ({len(names)} images)")
+    except OSError as e:  # a file where the folder goes, a read-only place, a full disk
+        raise UserFileError(f"--out {out}: cannot write the COCO files there ({e})") from e
     return written
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from faster_coco_eval.core import mask as coco_mask
 from torch import Tensor
 
-from ssd_lightning.core.plain import is_number
+from ssd_lightning.core.plain import is_int, is_number
 
 
 def rle_counts(counts: str) -> list[int]:
@@ -28,7 +28,11 @@ def rle_counts(counts: str) -> list[int]:
         x = k = 0
         more = True
         while more:
+            if p == len(counts):
+                raise ValueError("compressed RLE counts end in the middle of a number")
             c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"compressed RLE counts hold {counts[p]!r}, not an RLE character")
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)
             p += 1
@@ -59,12 +63,27 @@ def rle_decode(rle: dict) -> np.ndarray:
     """A COCO RLE (``counts`` a list or a compressed string) -> (H, W) bool. The runs alternate
     background / foreground, background first, in column-major order."""
     h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    counts = rle_counts(counts) if isinstance(counts, str) else [int(c) for c in counts]
-    if sum(counts) != h * w or min(counts, default=0) < 0:
-        raise ValueError(f"RLE counts cover {sum(counts)} pixels, not {h}x{w}")
+    counts = rle_runs(rle)
     values = np.arange(len(counts)) % 2 == 1
     return np.repeat(values, counts).reshape(w, h).T
+
+
+def rle_runs(rle: dict) -> list[int]:
+    """The run lengths of a COCO RLE, checked: they cover its ``size`` exactly (a ValueError
+    says what is wrong)."""
+    size, counts = rle["size"], rle["counts"]
+    if not (len(size) == 2 and all(is_int(v, low=0) for v in size)):
+        raise ValueError(f"RLE 'size' must be [height, width], got {size!r}")
+    if isinstance(counts, str):
+        runs = rle_counts(counts)
+    elif all(is_int(c) for c in counts):
+        runs = [int(c) for c in counts]
+    else:
+        raise ValueError("RLE 'counts' must be whole numbers or a compressed string")
+    h, w = size
+    if min(runs, default=0) < 0 or sum(runs) != h * w:
+        raise ValueError(f"RLE counts cover {sum(runs)} pixels, not {h}x{w} (its 'size')")
+    return runs
 
 
 def rle_encode(mask: np.ndarray, compress: bool = True) -> dict:
@@ -114,6 +133,7 @@ def checked_segmentation(seg: Any) -> tuple[Any, int]:
         and len(seg["size"]) == 2
         and isinstance(seg.get("counts"), list | str)
     ):
+        rle_runs(seg)  # a broken RLE is named with its file and entry now, not mid-training
         return seg, 0
     raise ValueError(
         "'segmentation' must be polygons [[x1, y1, x2, y2, x3, y3, ...], ...] or "

@@ -274,6 +274,7 @@ overrides (key=value, as for training; the groups this tool reads):
   model.net.image_size=<S>    the network input (feature map sizes follow)
   model.loss.iou_threshold=<t> the matching IoU (best possible recall counts boxes >= t)
   data.val_size=<n>           the split whose training boxes are measured
+  data=coco data.images_dir=<dir> data.train_json=<file>   your own COCO dataset's boxes
 """
 
 
