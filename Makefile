@@ -3,15 +3,22 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
+# `make train` installs the package alone; the test targets add the dev extra (pytest, ruff,
+# and the optional search / onnx extras the tests exercise)
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: train test test-slow test-all lint format clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(DEV_STAMP)
 
 train: $(STAMP)
 	$(PY) -m ssd_lightning.train $(ARGS)
@@ -19,17 +26,17 @@ train: $(STAMP)
 test: lint
 	$(PY) -m pytest $(ARGS)
 
-test-slow: $(STAMP)
+test-slow: $(DEV_STAMP)
 	$(PY) -m pytest -m slow $(ARGS)
 
-test-all: $(STAMP)
+test-all: $(DEV_STAMP)
 	$(PY) -m pytest -m '' $(ARGS)
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-format: $(STAMP)
+format: $(DEV_STAMP)
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 

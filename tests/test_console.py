@@ -4,19 +4,23 @@ every library, errors printed once, --help for every tool, outputs where the use
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import PENNFUDAN, one_error_line, run_cli, tiny
 
-from ssd_lightning.training.progress import RunProgress, format_duration
+from ssd_lightning.training.progress import EpochLog, RunProgress, format_duration
 
 
 def test_a_logged_run_has_one_line_per_epoch(tmp_path: Path) -> None:
     r = run_cli(
         "ssd_lightning.train",
-        *tiny(trainer__max_epochs=2, trainer__enable_progress_bar="true"),
+        # no bar (as in TINY): the lines are the log's progress all the same
+        *tiny(trainer__max_epochs=3, trainer__check_val_every_n_epoch=2),
         "extras.print_config=true",
         f"hydra.run.dir={tmp_path / 'run'}",
     )
@@ -26,14 +30,18 @@ def test_a_logged_run_has_one_line_per_epoch(tmp_path: Path) -> None:
     tree = (tmp_path / "run" / "config_resolved.yaml").read_text()
     assert f"config ({tmp_path / 'run' / 'config_resolved.yaml'}):\n{tree}" in out
     assert "  _target_: ssd_lightning.training.lit_module.SSDLitModule" in tree
-    assert out.index("config (") < out.index("epoch 1/2")
+    assert out.index("config (") < out.index("epoch 1/3")
     assert "\r" not in out  # no bar redraws in a file
     lines = [ln for ln in out.splitlines() if "][ssd_lightning.training.progress][" in ln]
-    assert [ln.split(" - ")[1].split("  ")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
-    assert "val/map_50" in lines[-1] and "ETA" in lines[-1]
+    assert [ln.split(" - ")[1].split("  ")[0] for ln in lines] == [
+        f"epoch {i}/3" for i in (1, 2, 3)
+    ]
+    assert "val/" not in lines[0] and "ETA" in lines[0]  # no validation yet
+    assert "val/map_50" in lines[1] and "(val of epoch" not in lines[1]
+    assert "val/map_50" in lines[2] and "(val of epoch 2)" in lines[2]  # the last one's, named
     assert "litlogger" not in out
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "epoch 2/2" in log
+    assert "epoch 3/3" in log
 
 
 @pytest.mark.parametrize(("stdout_tty", "stderr_tty"), [(False, True), (True, False)])
@@ -46,6 +54,30 @@ def test_the_bar_is_drawn_only_where_it_goes_to_a_terminal(
     monkeypatch.setattr(sys.stderr, "isatty", lambda: stderr_tty)
     bar = RunProgress()
     assert bar.interactive is stdout_tty and bar.is_disabled is not stdout_tty
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_the_epoch_line_goes_to_the_console_only_where_no_bar_draws(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path, terminal
+) -> None:
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal)
+    trainer = SimpleNamespace(
+        is_global_zero=True,
+        callback_metrics={"train/loss_epoch": torch.tensor(2.5)},
+        current_epoch=0,
+        max_epochs=3,
+        progress_bar_callback=RunProgress(),
+    )
+    run_log = logging.FileHandler(tmp_path / "train.log")  # the run's log file, as Hydra's
+    logging.getLogger().addHandler(run_log)
+    try:
+        with caplog.at_level(logging.INFO, logger="ssd_lightning.training.progress"):
+            EpochLog().on_train_epoch_end(trainer, None)
+    finally:
+        logging.getLogger().removeHandler(run_log)
+        run_log.close()
+    assert "epoch 1/3  train/loss 2.5" in (tmp_path / "train.log").read_text()
+    assert ("epoch 1/3" in caplog.text) is not terminal  # on a terminal the bar says it
 
 
 def test_debug_preset_is_debug_for_this_package_and_lightning_only(tmp_path: Path) -> None:
@@ -121,6 +153,13 @@ def test_a_missing_option_is_one_line_listing_the_options(tmp_path: Path) -> Non
     assert "anchors/nope" in line, line
     assert "dense_tall, pennfudan_fitted, ssd, tall_skinny" in line
     assert "search path" not in line
+    # Hydra's own ValueError (no HydraException): its traceback goes too; the line says the way
+    r = run_cli("ssd_lightning.train", "hparams_search=null", f"hydra.run.dir={tmp_path}")
+    assert "Traceback" not in r.stderr
+    assert one_error_line(r) == (
+        "Config error: hparams_search=null: a config group is left out with ~hparams_search (or "
+        "by not naming it); its options: hparams_search=<option>"
+    )
 
 
 # per tool: a line of its help, and the config groups it lists (only those it uses) / leaves out

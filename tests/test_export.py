@@ -200,6 +200,18 @@ def test_user_mistakes_are_one_message(exported: dict, tmp_path: Path) -> None:
     assert r.returncode == 2 and "format='tflite': allowed values are onnx" in r.stderr
 
 
+def test_a_switch_that_is_not_true_or_false_is_refused(exported: dict, tmp_path: Path) -> None:
+    # "no" would read as true and run the check the user wanted off
+    cfg = make_cfg(
+        [f"ckpt_path={exported['model']}", f"output_dir={tmp_path}", "check.enabled=no"],
+        tmp_path / "run",
+        "export",
+    )
+    with pytest.raises(ConfigError, match="check.enabled: true or false, got 'no'"):
+        export(cfg)
+    assert not list(tmp_path.glob("*.onnx"))
+
+
 def test_an_opset_the_exporter_cannot_write_is_refused() -> None:
     # the version converter gives up past the newest opset onnx knows and keeps opset 18: the
     # files and their description said opset 99 of a graph at opset 18

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, make_cfg, run_cli, tiny
+from conftest import ROOT, make_cfg, one_error_line, run_cli, tiny
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
@@ -104,6 +104,37 @@ def test_the_objective_is_checked(tmp_path: Path) -> None:
     assert math.isnan(objective_value(cfg, {"val/map_75": float("nan")}))
 
 
+def test_a_search_without_a_metric_checks_the_one_its_trials_return(tmp_path: Path) -> None:
+    search = ("hparams_search=anchors_optuna", "optimized_metric=null")
+    cfg = make_cfg(tiny(*search, "data.val_size=0"), tmp_path)  # trials return train/loss
+    with pytest.raises(ConfigError, match="train/loss with hydra.sweeper.direction=maximize"):
+        check_objective(cfg)
+    cfg = make_cfg(tiny(*search, "hydra.sweeper.direction=minimize"), tmp_path)
+    with pytest.raises(ConfigError, match="val/map_50 with hydra.sweeper.direction=minimize"):
+        check_objective(cfg)
+    assert check_objective(make_cfg(tiny(*search), tmp_path)) == "val/map_50"
+    assert check_objective(make_cfg(tiny("optimized_metric=null"), tmp_path)) is None  # no search
+    cfg = make_cfg(tiny(*search[:1], "optimized_metric=train/loss_epoch"), tmp_path)
+    with pytest.raises(ConfigError, match="direction=minimize"):  # a metric the run logs
+        check_objective(cfg)
+
+
+@pytest.mark.parametrize(
+    "never",
+    [
+        ("trainer.limit_val_batches=0",),
+        ("trainer.max_epochs=3", "trainer.check_val_every_n_epoch=4"),
+    ],
+)
+def test_trials_that_never_validate_are_refused_before_the_first(tmp_path: Path, never) -> None:
+    cfg = make_cfg(tiny("hparams_search=anchors_optuna", *never), tmp_path)
+    with pytest.raises(ConfigError, match="never validate"):
+        check_objective(cfg)
+    with pytest.raises(ConfigError, match="the run never validates, but callbacks"):
+        validate_config(cfg)  # a plain run too: its best model is chosen by val/map
+    validate_config(make_cfg(tiny(*never, "data.val_size=0"), tmp_path))  # by train/loss: fine
+
+
 SEARCHES = sorted(p.stem for p in (ROOT / "conf" / "hparams_search").glob("*.yaml"))
 
 
@@ -143,3 +174,25 @@ def test_an_objective_no_trial_can_return_stops_the_search_before_it_starts(
     out = r.stdout + r.stderr
     assert out.count("optimized_metric='val/nosuch': not a metric the run logs") == 1, out
     assert "Error executing job" not in out and not (tmp_path / "sweep" / "0").exists()
+
+
+def test_a_stored_study_draws_anew_when_continued(tmp_path: Path) -> None:
+    # the same seed in a second process would replay the first process's trials
+    make_cfg(tiny("hparams_search=anchors_optuna"), tmp_path)
+    assert HydraConfig.get().sweeper.sampler.seed == 12345  # in memory: reproducible
+    stored = f"hydra.sweeper.storage=sqlite:///{tmp_path / 'study.db'}"
+    make_cfg(tiny("hparams_search=anchors_optuna", stored), tmp_path)
+    assert HydraConfig.get().sweeper.sampler.seed is None
+
+
+def test_a_mistake_every_trial_would_make_stops_the_search_first(tmp_path: Path) -> None:
+    r = run_cli(
+        "ssd_lightning.train",
+        "-m",
+        "hparams_search=anchors_optuna",
+        "hydra.sweeper.n_trials=2",
+        "data.batch_size=-1",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert one_error_line(r) == "Config error: data.batch_size=-1: allowed values are integers >= 1"
+    assert not (tmp_path / "0").exists()  # no trial ran

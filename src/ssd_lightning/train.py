@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from ssd_lightning.config.cli import exit_with_error, hydra_main, message_of
 from ssd_lightning.config.errors import ConfigError, RunInterrupted
 from ssd_lightning.config.job_status import launching_process, write_job_status
-from ssd_lightning.config.validation import validate_config
+from ssd_lightning.config.validation import flag, validate_config
 from ssd_lightning.core.anchors import fitted_override_note
 from ssd_lightning.evaluate import evaluate, run_eval_config
 from ssd_lightning.tools.search import check_objective, objective_value
@@ -130,18 +130,10 @@ def _ddp_child_argv(argv: list[str]) -> list[str]:
     ]
 
 
-def _flag(cfg: DictConfig, key: str) -> bool:
-    """A true / false key (absent: false), checked before the fit so a typo fails at once."""
-    value = OmegaConf.select(cfg, key, default=False)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: true or false, got {value!r}")
-    return value
-
-
 def _test_after_fit(cfg: DictConfig, output_dir: Path, metrics: dict[str, Any]) -> None:
     """``test_after_fit``: the best model (else last.ckpt) evaluated on the validation split by
     ``evaluate``, written to ``<run dir>/eval_metrics.json``; one log line when skipped."""
-    if not _flag(cfg, "test_after_fit"):
+    if not flag(cfg, "test_after_fit"):
         return
     if metrics.get("status") != "completed":
         log.info("test_after_fit: skipped, the run is %s", metrics.get("status"))
@@ -171,8 +163,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     try:
         validate_config(cfg)  # config mistakes first, then the checkpoint and the run dir
-        print_config = _flag(cfg, "extras.print_config")
-        _flag(cfg, "test_after_fit")
+        print_config = flag(cfg, "extras.print_config")
+        flag(cfg, "test_after_fit")
         run_tags(cfg)
         ckpt_path = start_checkpoint(cfg, output_dir)
     except Exception:

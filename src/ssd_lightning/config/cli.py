@@ -132,15 +132,23 @@ def route_library_logs() -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdverts())
-    # Lightning triggers this deprecation itself with recent torch; nothing a user can act on
+    quiet_lightning()
+
+
+_ADVERTS = _DropAdverts()
+
+
+def quiet_lightning() -> None:
+    """Leave out what Lightning prints that no user can act on: its cloud-logger tip, and a
+    deprecation it triggers itself with recent torch."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_ADVERTS)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
-def _log_to_files(message: str) -> None:
-    """Record an error in the run's log file(s) only: the console gets it once, from
-    ``exit_with_error``."""
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+def log_to_files(message: str, logger: logging.Logger = log, level: int = logging.ERROR) -> None:
+    """Record a message in the run's log file(s) only, where the console shows it otherwise (an
+    error from ``exit_with_error``, the progress bar)."""
+    record = logger.makeRecord(logger.name, level, __file__, 0, message, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
@@ -161,13 +169,18 @@ class _HeldStderr:
         self.buffer = io.StringIO()
         sys.stderr = self.buffer
 
-    def release(self, drop: Sequence[str] = ()) -> None:
-        """stderr back, with what was held less the texts in ``drop``."""
+    def release(self, drop: Sequence[str] = (), error: BaseException | None = None) -> None:
+        """stderr back, with what was held less the texts in ``drop`` and the traceback Hydra
+        printed of ``error`` (an error not its own, e.g. a ValueError of its override parser)."""
         if sys.stderr is self.buffer:
             sys.stderr = self.real
             text = self.buffer.getvalue()
             for piece in drop:
                 text = text.replace(piece, "", 1)
+            if error is not None:
+                name = re.escape(type(error).__name__)
+                text = re.sub(rf"Traceback \(most recent call last\):\n.*?^{name}:[^\n]*\n?", "",
+                              text, count=1, flags=re.S | re.M)  # fmt: skip
             if text.strip():
                 self.real.write(text)
                 self.real.flush()
@@ -175,6 +188,19 @@ class _HeldStderr:
 
 def _in_sweep() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _group_set_to_null(error: Exception) -> Exception | str:
+    """Hydra's refusal of ``<group>=null`` names neither the override nor the way to say it."""
+    if "Config group override must be" not in str(error):
+        return error
+    groups = [a.split("=")[0] for a in sys.argv[1:] if re.fullmatch(r"[\w/@]+=null", a)]
+    if not groups:
+        return error
+    return (
+        f"{groups[0]}=null: a config group is left out with ~{groups[0]} (or by not naming it); "
+        f"its options: {groups[0]}=<option>"
+    )
 
 
 def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], None]:
@@ -201,7 +227,7 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
                 raise
         except _ALL_USER_ERRORS as e:
             kind = kind_of(e)
-            _log_to_files(f"{kind}: {message_of(e)}")
+            log_to_files(f"{kind}: {message_of(e)}")
             if _in_sweep():
                 raise JobFailed(f"{kind}: {message_of(e)}") from None
             record_failure(f"{kind}: {message_of(e)}")
@@ -239,9 +265,9 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
                     sys.exit(2)
                 # what Hydra printed of it (anything else held, e.g. a launcher's, is passed on)
                 cause = error.__cause__
-                held.release(drop=[str(error), "" if cause is None else str(cause), _FULL_ERROR])
+                held.release([str(error), "" if cause is None else str(cause), _FULL_ERROR], error)
                 kind = kind_of(error) if isinstance(error, _ALL_USER_ERRORS) else "Config error"
-                exit_with_error(error, kind)
+                exit_with_error(_group_set_to_null(error), kind)
             raise
         finally:
             held.release()
@@ -251,6 +277,7 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
 
 def run_tool(fn: Callable[[], Any]) -> Any:
     """Run an argparse tool's body with the same error handling as the Hydra tools."""
+    quiet_lightning()
     try:
         return fn()
     except _ALL_USER_ERRORS as e:

@@ -13,6 +13,8 @@ which every entry point and ``compose`` import first.
                                       ``model.net.num_classes`` follows
 - ``${ssd_val_every:<max_epochs>,<n>}`` the trainer's ``check_val_every_n_epoch`` for about ``n``
                                       validations a run
+- ``${ssd_sampler_seed:<storage>,<seed>}`` an Optuna search's sampler seed: ``seed`` in memory,
+                                      none for a stored study (each continuation draws anew)
 """
 
 from __future__ import annotations
@@ -88,6 +90,12 @@ def coco_classes(train_json: Any) -> int:
     return coco_num_classes(str(train_json))
 
 
+def sampler_seed(storage: Any, seed: Any) -> Any:
+    # an in-memory search is reproducible; a stored study continued in a new process with the
+    # same seed would draw the points it has already tried again
+    return seed if storage is None else None
+
+
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ssd_root", lambda: str(project_root()), replace=True)
     OmegaConf.register_new_resolver("ssd_monitor", monitor, replace=True)
@@ -95,6 +103,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("ssd_precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("ssd_coco_classes", coco_classes, replace=True)
     OmegaConf.register_new_resolver("ssd_val_every", validation_interval, replace=True)
+    OmegaConf.register_new_resolver("ssd_sampler_seed", sampler_seed, replace=True)
     OmegaConf.register_new_resolver(
         "ssd_options", lambda group: ", ".join(available_options(group)), replace=True
     )

@@ -125,6 +125,42 @@ def _int_errors(cfg: DictConfig) -> list[str]:
     return errors
 
 
+def flag(cfg: DictConfig, key: str, default: bool = False) -> bool:
+    """A true / false key (absent: ``default``), checked before any work so a typo such as
+    ``no`` or ``maybe`` fails at once instead of reading as true."""
+    value = OmegaConf.select(cfg, key, default=default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: true or false, got {value!r}")
+    return value
+
+
+def never_validates(cfg: DictConfig) -> str | None:
+    """The setting under which a training run with a validation split never validates (so no
+    val/ metric is ever logged), as ``key=value``; None when it validates."""
+    limit = _get(cfg, "trainer.limit_val_batches")
+    if limit is not None and is_number(limit) and limit == 0:
+        return f"trainer.limit_val_batches={limit}"
+    every, epochs = _get(cfg, "trainer.check_val_every_n_epoch"), _get(cfg, "trainer.max_epochs")
+    steps = _get(cfg, "trainer.max_steps")
+    if is_int(every, 1) and is_int(epochs, 1) and steps in (None, -1) and every > epochs:
+        return f"trainer.check_val_every_n_epoch={every} with trainer.max_epochs={epochs}"
+    return None
+
+
+def _validation_errors(cfg: DictConfig) -> list[str]:
+    """A best model chosen by a val/ metric needs validations (caught now, not after the first
+    epoch's training)."""
+    monitor = _get(cfg, "callbacks.model_checkpoint.monitor")
+    setting = never_validates(cfg)
+    if not (isinstance(monitor, str) and monitor.startswith("val/") and setting):
+        return []
+    return [
+        f"{setting}: the run never validates, but callbacks.model_checkpoint.monitor={monitor} "
+        "chooses the best model by validation; let it validate, or train without a validation "
+        "split (data.val_size=0: the best model by train/loss)"
+    ]
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check a composed train / evaluate config; raise ``ConfigError`` listing every problem (one
     line for one problem, one line each under a header for several)."""
@@ -133,6 +169,7 @@ def validate_config(cfg: DictConfig) -> None:
         errors += _anchor_errors(cfg)
     errors += _optimizer_errors(cfg)
     errors += _scheduler_errors(cfg)
+    errors += _validation_errors(cfg)
     data_size, net_size = _get(cfg, "data.image_size"), _get(cfg, "model.net.image_size")
     size_error = net_int_error("image_size", net_size) if net_size is not None else None
     if size_error:  # the size typed, named as typed (data.image_size follows it)

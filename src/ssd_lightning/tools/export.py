@@ -4,15 +4,16 @@ and ``<stem>.json``, checked in onnxruntime against the PyTorch model (``tools.o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from ssd_lightning.config.atomic import write_json
 from ssd_lightning.config.errors import ConfigError, ExportCheckError
 from ssd_lightning.config.extras import require
+from ssd_lightning.config.validation import flag
 from ssd_lightning.core.plain import is_int
 from ssd_lightning.core.postprocess import check_thresholds
 from ssd_lightning.tools.onnx_export import MIN_OPSET, export_onnx
@@ -87,7 +88,7 @@ def export_model(
         parity["folder"] = str(check_folder)
         meta["parity"] = parity
     sidecar = out / f"{stem}.json"
-    sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(sidecar, meta)
     meta["files"]["sidecar"] = str(sidecar)
     parity = meta.get("parity")
     if parity is not None and not parity["ok"]:
@@ -107,7 +108,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         opset=cfg.opset,
         name=cfg.get("name"),
         thresholds={k: cfg.get(k) for k in ("score_threshold", "nms_threshold", "top_k")},
-        check_folder=check.get("images") if check.get("enabled", True) else None,
+        check_folder=check.get("images") if flag(cfg, "check.enabled", True) else None,
         check_count=check.get("num_images", 8),
     )
     for kind, path in meta["files"].items():

@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.config.validation import never_validates
 from ssd_lightning.core.plain import is_number
 
 RESULTS_FILE = "optimization_results.yaml"  # written by the Optuna sweeper
@@ -52,11 +53,25 @@ def _sweeper_direction(cfg: DictConfig) -> str | None:
     return str(direction).rsplit(".", 1)[-1]  # "maximize", also from "Direction.maximize"
 
 
+def _validates(cfg: DictConfig) -> bool:
+    val_size = OmegaConf.select(cfg, "data.val_size", default=1)
+    return not (val_size is not None and float(val_size) == 0)
+
+
+def default_metric(cfg: DictConfig) -> str:
+    """What a trial returns when ``optimized_metric`` is unset: val/map_50, or train/loss for a
+    run without a validation split."""
+    return "val/map_50" if _validates(cfg) else "train/loss"
+
+
 def check_objective(cfg: DictConfig) -> str | None:
-    """``cfg.optimized_metric`` checked before training (None when unset)."""
+    """``cfg.optimized_metric`` checked before training; unset: the default metric inside a
+    search (a direction to check it against), else None (no trial returns anything)."""
     metric = cfg.get("optimized_metric")
     if metric is None:
-        return None
+        if _sweeper_direction(cfg) is None:
+            return None
+        metric = default_metric(cfg)
     # here, not at the top: summarize imports this module and starts without Lightning
     from ssd_lightning.training.lit_module import LOGGED_METRICS
 
@@ -65,12 +80,18 @@ def check_objective(cfg: DictConfig) -> str | None:
             f"optimized_metric={metric!r}: not a metric the run logs; allowed values are "
             + ", ".join(LOGGED_METRICS)
         )
-    val_size = OmegaConf.select(cfg, "data.val_size", default=1)
-    if metric.startswith("val/") and val_size is not None and float(val_size) == 0:
+    if metric.startswith("val/") and not _validates(cfg):
         raise ConfigError(
             f"optimized_metric={metric}: data.val_size=0 trains without a validation split, so "
             "no val/ metric is logged; use train/loss (hydra.sweeper.direction=minimize) or "
             "data.val_size > 0"
+        )
+    setting = never_validates(cfg)
+    if metric.startswith("val/") and setting:
+        raise ConfigError(
+            f"optimized_metric={metric} with {setting}: the trials never validate, so they "
+            "log no val/ metric; let them validate, or optimize train/loss "
+            "(hydra.sweeper.direction=minimize)"
         )
     wanted, direction = metric_direction(metric), _sweeper_direction(cfg)
     if wanted is not None and direction is not None and direction != wanted:
@@ -83,10 +104,10 @@ def check_objective(cfg: DictConfig) -> str | None:
 
 def objective_value(cfg: DictConfig, metrics: Mapping[str, Any]) -> float | None:
     """What the trial returns: ``metrics[cfg.optimized_metric]`` (NaN when not finite, which
-    Optuna records as a failed trial); unset: val/map_50, else train/loss."""
+    Optuna records as a failed trial); unset: ``default_metric``."""
     metric = cfg.get("optimized_metric")
-    if metric is None:
-        value = metrics.get("val/map_50", metrics.get("train/loss"))
+    if metric is None:  # a plain run, or a search returning its default
+        value = metrics.get(default_metric(cfg))
         return None if value is None else float(value)
     if metric not in metrics:
         logged = sorted(k for k in metrics if "/" in k)
@@ -98,19 +119,29 @@ def objective_value(cfg: DictConfig, metrics: Mapping[str, Any]) -> float | None
 
 
 class ObjectiveCheck(Callback):
-    """``check_objective`` once, before the first trial (``conf/hparams_search/``): a metric no
-    trial can return stops the search with one message, not each trial alone (which the sweeper
-    reports three times, each with the trial's overrides)."""
+    """Before the first trial (``conf/hparams_search/``): ``check_objective``, and the search's
+    own config as a run would check it (``validate_config``, the data and model constructors),
+    so a mistake that every trial would make stops the search with one message, exit status 2,
+    instead of failing each trial (which the sweeper reports three times, each with the trial's
+    overrides). A sampled value a trial cannot use still fails that trial alone."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # imported here: summarize imports this module and starts without the model code
+        from ssd_lightning.config.cli import USER_ERRORS, exit_with_error, kind_of
+        from ssd_lightning.config.compose import instantiate_checked
+        from ssd_lightning.config.validation import validate_config
+
         try:
             check_objective(config)
-        except ConfigError as e:
+            validate_config(config)
+            instantiate_checked(config.data, "data")
+            model = config.copy()  # built for its checks: no weights to fetch or load here
+            OmegaConf.update(model, "model.net.weights", "none", force_add=True)
+            instantiate_checked(model.model, "model")
+        except tuple(t for types, _ in USER_ERRORS for t in types) as e:
             # the tools' one exit path; SystemExit, since Hydra turns a callback's exceptions
-            # into warnings. Imported here: summarize imports this module and stays light
-            from ssd_lightning.config.cli import exit_with_error
-
-            exit_with_error(e, "Config error")
+            # into warnings
+            exit_with_error(e, kind_of(e))
 
 
 @dataclass

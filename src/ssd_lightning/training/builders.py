@@ -19,6 +19,7 @@ from ssd_lightning.config.validation import validate_config
 from ssd_lightning.training.callbacks import AugmentationPreview
 from ssd_lightning.training.checkpoint_io import RunCheckpointIO
 from ssd_lightning.training.lit_module import SSDLitModule
+from ssd_lightning.training.progress import EpochLog
 from ssd_lightning.training.run_outputs import run_info
 from ssd_lightning.training.signals import StopTogether
 
@@ -66,7 +67,13 @@ def build(
     module = instantiate_checked(cfg.model, "model", run_info=run_info(cfg))
     loggers = build_loggers(cfg)
     # StopTogether: under DDP a SIGTERM stops every rank at the same batch (training.signals)
-    callbacks = [*build_callbacks(cfg, has_logger=bool(loggers)), StopTogether(), *extra_callbacks]
+    # EpochLog: one line per epoch, whatever the bar (training.progress)
+    callbacks = [
+        *build_callbacks(cfg, has_logger=bool(loggers)),
+        StopTogether(),
+        EpochLog(),
+        *extra_callbacks,
+    ]
     checkpointing: dict[str, bool] = {}
     if "enable_checkpointing" not in cfg.trainer and not any(
         isinstance(cb, ModelCheckpoint) for cb in callbacks

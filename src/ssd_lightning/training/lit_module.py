@@ -45,8 +45,16 @@ logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 MAP_KEYS = ("map", "map_50", "map_75", "mar_100")
 # every scalar a run logs per epoch (metrics.json, TensorBoard): what a search may optimize
 LOGGED_METRICS = (
-    *("train/loss", "train/loss_box", "train/loss_cls", "train/num_pos", "train/accuracy"),
-    *("train/box_mae", "train/fallback_rate", "train/fallback2_rate", "val/loss"),
+    "train/loss",  # also as train/loss_epoch (and train/loss_step in TensorBoard)
+    "train/loss_epoch",
+    "train/loss_box",
+    "train/loss_cls",
+    "train/num_pos",
+    "train/accuracy",
+    "train/box_mae",
+    "train/fallback_rate",
+    "train/fallback2_rate",
+    "val/loss",
     *(f"val/{k}" for k in MAP_KEYS),
 )
 
