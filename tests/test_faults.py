@@ -12,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PENNFUDAN, run_cli, tiny
+from conftest import PENNFUDAN, make_cfg, run_cli, tiny
 from PIL import Image
 
+from ssd_lightning.config.compose import instantiate_checked
+from ssd_lightning.config.errors import DataError
 from ssd_lightning.config.paths import load_option
 from ssd_lightning.core.ssd import SSD
+from ssd_lightning.data.convert import pennfudan_to_coco
 from ssd_lightning.data.dataset import DatasetReadError, PennFudanDataset
 from ssd_lightning.data.images import InputError, read_rgb
 from ssd_lightning.data.manifest import mask_name
@@ -96,6 +99,13 @@ def test_a_mask_of_another_size_is_refused(tmp_path: Path) -> None:
     small.resize((small.width // 2, small.height // 2), Image.NEAREST).save(mask)
     with pytest.raises(DatasetReadError, match=rf"{mask_name(NAMES[0])} is .* but image"):
         PennFudanDataset(root).raw(0)
+    # where boxes come from the masks and the image headers alone: the anchor tool, the COCO
+    # conversion
+    with pytest.raises(DatasetReadError, match=rf"{mask_name(NAMES[0])} is .* but image"):
+        pennfudan_to_coco(root, NAMES[:1])
+    cfg = make_cfg(tiny(f"data.root={root}", "data.split=null", "data.verify=none"), tmp_path)
+    with pytest.raises(DatasetReadError, match=rf"{mask_name(NAMES[0])} is .* but image"):
+        instantiate_checked(cfg.data, "data").training_boxes()
 
 
 def test_start_up_checks_of_the_split(tmp_path: Path) -> None:
@@ -109,29 +119,49 @@ def test_start_up_checks_of_the_split(tmp_path: Path) -> None:
         "ssd_lightning.train", *tiny(f"data.split={broken}"), f"hydra.run.dir={tmp_path / 'b'}"
     )
     _clean_failure(r, str(broken), "not valid JSON")
+    # valid JSON, but no split: null once read as "no split" (validating on the training images)
+    for text in ("null", "[]", '"abc"'):
+        broken.write_text(text)
+        with pytest.raises(DataError, match=f"{broken}: not a manifest or split file"):
+            instantiate_checked(make_cfg(tiny(f"data.split={broken}"), tmp_path / "c").data, "data")
+    with pytest.raises(DataError, match=f"{tmp_path}: a folder, not a JSON file"):
+        instantiate_checked(make_cfg(tiny(f"data.split={tmp_path}"), tmp_path / "c").data, "data")
 
 
 def test_a_worker_error_is_one_line_naming_the_file(tmp_path: Path) -> None:
-    root = _copy_root(tmp_path / "root")
-    (root / "PNGImages" / NAMES[1]).write_bytes(b"not a png")
+    # the whole dataset (links), a third of its images cut short (the header reads, the pixels
+    # not). The validation loader's workers are still up from the sanity check when a training
+    # worker fails: the process must exit all the same (workers ignore SIGTERM, which is how
+    # multiprocessing stops them at exit)
+    root = tmp_path / "root"
+    for sub in ("PNGImages", "PedMasks"):
+        (root / sub).mkdir(parents=True)
+        for i, f in enumerate(sorted((PENNFUDAN / sub).glob("*.png"))):
+            if sub == "PNGImages" and i % 3 == 1:
+                (root / sub / f.name).write_bytes(f.read_bytes()[:20000])
+            else:
+                (root / sub / f.name).symlink_to(f)
     r = run_cli(
         "ssd_lightning.train",
         *tiny(
             data__num_workers=2,
             data__preload="false",
             data__verify="none",
-            data__split="null",
             data__root=str(root),
+            trainer__limit_train_batches=10,
+            trainer__num_sanity_val_steps=2,
         ),
         f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=120,
     )
-    _clean_failure(r, "Data error", NAMES[1])
+    _clean_failure(r, "Data error", "image file is truncated")
+    bad = r.stderr.split("PNGImages/")[1].split(":")[0]
     assert "Original Traceback" not in r.stderr and "worker process" not in r.stderr
     # a run that fails during the fit says so in its records (summarize, schedulers)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["status"] == "failed" and NAMES[1] in metrics["error"]
+    assert metrics["status"] == "failed" and bad in metrics["error"]
     status = json.loads((tmp_path / "run" / "job_status.json").read_text())
-    assert status["status"] == "FAILED" and NAMES[1] in status["error"]
+    assert status["status"] == "FAILED" and bad in status["error"]
 
 
 def test_evaluate_downloads_when_asked(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ resume, no silent reuse of a run dir, disk use, and no silent end with broken we
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -18,9 +19,10 @@ import torch
 from _runs import cli_env
 from conftest import ROOT, make_cfg, run_cli, tiny
 
-from ssd_lightning.config.errors import ConfigError
+from ssd_lightning.config.errors import ConfigError, RunInterrupted
 from ssd_lightning.config.job_status import read_job_status
 from ssd_lightning.config.paths import load_option
+from ssd_lightning.data.pennfudan_datamodule import PennFudanDataModule
 from ssd_lightning.train import train
 from ssd_lightning.training.checkpoint import (
     CheckpointError,
@@ -28,7 +30,8 @@ from ssd_lightning.training.checkpoint import (
     read_checkpoint,
 )
 from ssd_lightning.training.checkpoint_io import RunCheckpointIO
-from ssd_lightning.training.resume import start_checkpoint
+from ssd_lightning.training.csv_log import ResumableCSVLogger
+from ssd_lightning.training.resume import refuse_existing_run_dir, resume_argv, start_checkpoint
 
 BEST = "ssd_resnet34_best.pt"
 
@@ -101,6 +104,11 @@ class _Payload:
 
     def __reduce__(self):
         return (Path.touch, (Path(self.marker),))
+
+
+class _System:
+    def __reduce__(self):
+        return (os.system, ("true",))
 
 
 def test_a_malicious_checkpoint_runs_nothing(tmp_path: Path, monkeypatch) -> None:
@@ -193,6 +201,10 @@ def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path: Path) ->
     with pytest.raises(CheckpointError, match="refused by the weights-only load: Unsupported") as e:
         read_checkpoint(evil)
     assert "allowlist" not in str(e.value) and not (tmp_path / "ran").exists()
+    torch.save({"payload": _System()}, evil)  # a module torch blocks outright (os.system)
+    with pytest.raises(CheckpointError, match="refused by the weights-only load: .*GLOBAL") as e:
+        read_checkpoint(evil)
+    assert "weights_only" not in str(e.value)
     r = run_cli("ssd_lightning.evaluate", f"ckpt_path={onnx}", f"hydra.run.dir={tmp_path / 'e'}")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"ckpt_path={onnx}: an ONNX model" in r.stderr
@@ -220,9 +232,15 @@ def test_an_existing_run_dir_is_not_reused(tmp_path: Path) -> None:
         start_checkpoint(make_cfg(tiny(), run), run)
     # overwrite=true: start over there, without the previous run's files
     (run / "eval_metrics.json").write_text("{}")  # its test_after_fit
-    assert start_checkpoint(make_cfg(tiny("overwrite=true"), run), run) is None
+    for logs in ("tensorboard", "csv"):  # its curves would mix with the new run's
+        (run / logs).mkdir()
+        (run / logs / "old").write_text("x")
+    (run / "notes.txt").write_text("mine")
+    assert start_checkpoint(make_cfg(tiny("overwrite=true", "logger=many"), run), run) is None
     assert not (run / "checkpoints").exists() and not (run / "metrics.json").exists()
     assert not (run / "eval_metrics.json").exists()
+    assert not (run / "tensorboard").exists() and not (run / "csv").exists()
+    assert (run / "notes.txt").read_text() == "mine"  # not a run's output: kept
 
 
 def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path: Path) -> None:
@@ -303,3 +321,66 @@ def test_a_file_that_is_no_checkpoint_is_not_blamed_on_mmap(tmp_path: Path) -> N
     with pytest.raises(CheckpointError, match="cannot read it as a PyTorch checkpoint") as e:
         read_checkpoint(garbage, key="resume", mmap=True)
     assert "mmap" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_signal_while_the_data_loads_stops_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # before the fit's training starts (data preload, checkpoint restore) Lightning's handler is
+    # not installed yet: the signal must still stop the run, not be recorded and forgotten
+    setup = PennFudanDataModule.setup
+
+    def signalled_setup(self, stage=None):
+        signal.raise_signal(signal.SIGTERM)
+        return setup(self, stage)
+
+    monkeypatch.setattr(PennFudanDataModule, "setup", signalled_setup)
+    run = tmp_path / "run"
+    with pytest.raises(RunInterrupted, match="SIGTERM at epoch 0, step 1; continue the run with"):
+        train(make_cfg(tiny(trainer__max_epochs=3, data__preload="false"), run))
+    assert read_job_status(run)["status"] == "INTERRUPTED"
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_run_started_from_a_checkpoint_resumes_from_its_own(tmp_path: Path) -> None:
+    # `train ckpt_path=A/last.ckpt` into B, stopped: `resume=B` continues from B's last.ckpt;
+    # replaying ckpt_path= would refuse the pair ("give one of them")
+    run = tmp_path / "B"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- ckpt_path=/runs/A/last.ckpt\n- anchors=ssd\n")
+    argv = resume_argv(["train", f"resume={run}"])
+    assert argv == [
+        "train",
+        "anchors=ssd",
+        f"resume={run.resolve()}",
+        f'hydra.run.dir="{run.resolve()}"',
+    ]
+
+
+def test_a_run_dir_named_through_the_environment_is_guarded_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the README's SLURM form: hydra.run.dir=outputs/${oc.env:SLURM_JOB_ID}
+    run = tmp_path / "1234"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    monkeypatch.setenv("JOB", "1234")
+    for given in (f"hydra.run.dir={tmp_path}/${{oc.env:JOB}}", f"++hydra.run.dir={run}"):
+        with pytest.raises(ConfigError, match=f"hydra.run.dir={run} already holds a run"):
+            refuse_existing_run_dir(["train", given])
+    refuse_existing_run_dir(["train", f"hydra.run.dir={tmp_path}/${{oc.env:NO_SUCH_VAR}}"])
+    refuse_existing_run_dir(["train", f"hydra.run.dir={tmp_path}/${{now:%H}}"])  # Hydra's own
+
+
+def test_a_resumed_run_keeps_its_csv_log(tmp_path: Path) -> None:
+    # Lightning's CSVLogger deletes metrics.csv when a writer starts in its dir (the resume)
+    first = ResumableCSVLogger(tmp_path, name="csv", version="")
+    first.log_metrics({"train/loss": 2.0, "lr-AdamW": 1e-3}, step=0)
+    first.save()
+    resumed = ResumableCSVLogger(tmp_path, name="csv", version="")
+    resumed.log_metrics({"train/loss": 1.5, "val/map": 0.25}, step=1)  # one column fewer, one new
+    resumed.save()
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    assert [r["train/loss"] for r in rows] == ["2.0", "1.5"]
+    assert rows[0]["lr-AdamW"] == "0.001" and rows[1]["val/map"] == "0.25"

@@ -323,6 +323,7 @@ def _fit_with_nan(
     max_nonfinite_steps: int = 10,
     fused: bool = True,
     ema_decay: float | None = None,
+    optimizer=None,
 ):
     import lightning as L
 
@@ -343,7 +344,7 @@ def _fit_with_nan(
         net,
         _NaNLoss(nan_calls),
         max_nonfinite_steps=max_nonfinite_steps,
-        optimizer=lambda params: torch.optim.Adam(params, fused=fused),
+        optimizer=optimizer or (lambda params: torch.optim.Adam(params, fused=fused)),
         ema_decay=ema_decay,
     )
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -392,6 +393,22 @@ def test_a_skipped_step_leaves_no_trace(fused: bool, where: str) -> None:
     _assert_same_state(module.net, reference.net.state_dict())
     module, before = fit({0, 1, 2, 3}, good)  # every step bad: the initial network
     _assert_same_state(module.net, before)
+
+
+def test_a_skipped_first_step_leaves_sgd_momentum_sound() -> None:
+    """Fused SGD creates its momentum buffers uninitialized on the first step, and a skipped
+    first step never fills them: the next step would then add garbage to the weights."""
+
+    def sgd(params):
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9, nesterov=True, fused=True)
+
+    good = _synthetic_batches(3)
+    module, _, trainer = _fit_with_nan({0}, optimizer=sgd)
+    trainer.fit(module, train_dataloaders=DataLoader(good, batch_size=None))
+    assert module.nonfinite_total == 1
+    reference, _, trainer = _fit_with_nan(set(), optimizer=sgd)
+    trainer.fit(reference, train_dataloaders=DataLoader(good[1:], batch_size=None))
+    _assert_same_state(module.net, reference.net.state_dict())
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-no-sync", "sync"])

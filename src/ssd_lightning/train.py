@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -214,10 +215,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             _test_after_fit(cfg, output_dir, metrics)
     if stopped_by is not None:
         name = signal.Signals(stopped_by).name
-        message = (
-            f"{name} at epoch {metrics['epoch']}, step {metrics['global_step']}; continue the "
-            f"run with: python -m ssd_lightning.train resume={output_dir}"
-        )
+        where = f"{name} at epoch {metrics['epoch']}, step {metrics['global_step']}"
+        if (output_dir / "checkpoints" / "last.ckpt").is_file():
+            arg = shlex.quote(f"resume={output_dir}")
+            message = f"{where}; continue the run with: python -m ssd_lightning.train {arg}"
+        else:  # stopped before its first checkpoint: nothing to continue from
+            message = (
+                f"{where}, before its first checkpoint; start it again with the same command "
+                "and overwrite=true"
+            )
         if trainer.is_global_zero:
             write_job_status(output_dir, "INTERRUPTED", message, overrides=_task_overrides())
         raise RunInterrupted(message, stopped_by)

@@ -134,12 +134,15 @@ def flag(cfg: DictConfig, key: str, default: bool = False) -> bool:
     return value
 
 
-def never_validates(cfg: DictConfig) -> str | None:
+def never_validates(cfg: DictConfig, by_interval: bool = True) -> str | None:
     """The setting under which a training run with a validation split never validates (so no
-    val/ metric is ever logged), as ``key=value``; None when it validates."""
+    val/ metric is ever logged), as ``key=value``; None when it validates. ``by_interval``: also
+    a validation interval longer than the run (which a resume with more epochs may reach)."""
     limit = _get(cfg, "trainer.limit_val_batches")
     if limit is not None and is_number(limit) and limit == 0:
         return f"trainer.limit_val_batches={limit}"
+    if not by_interval:
+        return None
     every, epochs = _get(cfg, "trainer.check_val_every_n_epoch"), _get(cfg, "trainer.max_epochs")
     steps = _get(cfg, "trainer.max_steps")
     if is_int(every, 1) and is_int(epochs, 1) and steps in (None, -1) and every > epochs:
@@ -151,7 +154,7 @@ def _validation_errors(cfg: DictConfig) -> list[str]:
     """A best model chosen by a val/ metric needs validations (caught now, not after the first
     epoch's training)."""
     monitor = _get(cfg, "callbacks.model_checkpoint.monitor")
-    setting = never_validates(cfg)
+    setting = never_validates(cfg, by_interval=False)  # a run may stop and resume for more
     if not (isinstance(monitor, str) and monitor.startswith("val/") and setting):
         return []
     return [

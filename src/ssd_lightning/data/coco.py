@@ -215,8 +215,7 @@ def read_coco(
         if bw <= 0 or bh <= 0 or box[2] <= box[0] or box[3] <= box[1]:
             dropped.append(where)
             continue
-        if box != [x, y, x + bw, y + bh]:
-            clipped.append(where)
+        clipped += [where] if box != [x, y, x + bw, y + bh] else []
         try:
             seg, left_out = checked_segmentation(_get(a, "segmentation") or None)
         except ValueError as e:
@@ -270,9 +269,8 @@ def read_coco(
 
 def _examples(entries: list[str], shown: int = 3) -> str:
     """' (annotations[4] (id 9), ...)': the first entries of a log line's count."""
-    if not entries:
-        return ""
-    return f" ({', '.join(entries[:shown])}{', ...' if len(entries) > shown else ''})"
+    more = ", ..." if len(entries) > shown else ""
+    return f" ({', '.join(entries[:shown])}{more})" if entries else ""
 
 
 def _name_on_disk(images_dir: Path, name: str) -> str:

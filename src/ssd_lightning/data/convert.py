@@ -19,8 +19,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
-
 from ssd_lightning.config.atomic import atomic_write
 from ssd_lightning.config.cli import run_tool
 from ssd_lightning.config.errors import ToolParser, UserFileError
@@ -30,7 +28,7 @@ from ssd_lightning.data.dataset import (
     PEDESTRIAN,
     DatasetReadError,
     _instance_masks,
-    load_instances,
+    header_boxes,
 )
 from ssd_lightning.data.manifest import (
     IMAGE_DIR,
@@ -50,11 +48,9 @@ def pennfudan_to_coco(root: str | Path, names: Sequence[str], first_id: int = 1)
     images, annotations = [], []
     for name in sorted(names):
         image_id = first_id + every.index(name)
-        with Image.open(root / IMAGE_DIR / name) as im:  # header only
-            w, h = im.size
-        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
         mask_path = root / MASK_DIR / mask_name(name)
-        boxes, _, _ = load_instances(str(mask_path))  # (G, 4) xyxy pixel edges
+        boxes, (h, w) = header_boxes(root / IMAGE_DIR / name, mask_path)  # xyxy pixel edges
+        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
         masks = _instance_masks(mask_path)[1].numpy()  # (G, H, W) bool, the same order
         for box, mask in zip(boxes.tolist(), masks, strict=True):
             x0, y0, x1, y1 = box

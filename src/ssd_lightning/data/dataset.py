@@ -89,6 +89,30 @@ def _instance_masks(path: Path) -> tuple[Tensor, Tensor]:
     return ids, mask[None] == ids[:, None, None]
 
 
+def check_mask_size(
+    mask: Path, mask_hw: tuple[int, int], image: Path, image_hw: tuple[int, int]
+) -> None:
+    """Boxes from a mask of another size than its image would be at the wrong scale."""
+    if tuple(mask_hw) != tuple(image_hw):
+        raise DatasetReadError(
+            f"mask {mask} is {mask_hw[0]}x{mask_hw[1]} (HxW) but image {image} is "
+            f"{image_hw[0]}x{image_hw[1]}"
+        )
+
+
+def header_boxes(image: Path, mask: Path) -> tuple[Tensor, tuple[int, int]]:
+    """(boxes (G, 4) float32 xyxy pixel edges, (height, width)) of an image from its mask file
+    and its header (no pixel decode), the two sizes checked."""
+    try:
+        with Image.open(image) as im:
+            w, h = im.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DatasetReadError(f"image file {image}: cannot read it as an image ({e})") from e
+    boxes, _, mask_hw = load_instances(str(mask))
+    check_mask_size(mask, mask_hw, image, (h, w))
+    return boxes, (h, w)
+
+
 def load_instances(path: str) -> tuple[Tensor, Tensor, tuple[int, int]]:
     """(boxes (G,4) float32 xyxy pixel edges, ids (G,) int64, (height, width) of the mask) of a
     mask file, cached per process."""
@@ -222,11 +246,7 @@ class PennFudanDataset(DetectionDataset):
         key = _file_key(str(self.mask_path(name)))  # one stat for the boxes and the runs
         boxes, _, mask_hw = _cached_instances(*key)
         h, w = img.shape[-2:]
-        if mask_hw != (h, w):  # boxes from a mask of another size would be at the wrong scale
-            raise DatasetReadError(
-                f"mask {self.mask_path(name)} is {mask_hw[0]}x{mask_hw[1]} (HxW) but image "
-                f"{self.image_path(name)} is {h}x{w}"
-            )
+        check_mask_size(self.mask_path(name), mask_hw, self.image_path(name), (h, w))
         target = {
             "boxes": tv_tensors.BoundingBoxes(boxes.clone(), format="XYXY", canvas_size=(h, w)),
             "labels": torch.full((len(boxes),), PEDESTRIAN, dtype=torch.int64),

@@ -65,15 +65,23 @@ def build_manifest(root: str | Path) -> dict:
 
 def load_json(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise DatasetIntegrityError(f"{path}: a folder, not a JSON file")
     if not path.is_file():
         raise DatasetIntegrityError(
             f"{path} not found. It is committed with the repository; regenerate it with "
             "`python -m ssd_lightning.data.manifest --write` only if the dataset changed."
         )
     try:
-        return json.loads(path.read_text())
+        blob = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DatasetIntegrityError(f"{path} is not valid JSON ({e}); restore it from git") from e
+    if not isinstance(blob, dict):  # null, a list, a string: no manifest or split file at all
+        raise DatasetIntegrityError(
+            f"{path}: not a manifest or split file (a JSON object), but {type(blob).__name__}"
+            "; restore it from git"
+        )
+    return blob
 
 
 def verify_dataset(root: str | Path, manifest: str | Path | dict, full: bool = False) -> int:

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
 
 from ssd_lightning.config.paths import data_dir
 from ssd_lightning.data.datamodule import DetectionDataModule, check_choice, check_int
-from ssd_lightning.data.dataset import PennFudanDataset, load_instances
+from ssd_lightning.data.dataset import PennFudanDataset, header_boxes
 from ssd_lightning.data.download import URL, download_pennfudan
 from ssd_lightning.data.manifest import (
     IMAGE_DIR,
@@ -142,9 +141,9 @@ class PennFudanDataModule(DetectionDataModule):
         train = self._names()[0]
         out = []
         for name in train:
-            with Image.open(self.root / IMAGE_DIR / name) as im:  # header only
-                w, h = im.size
-            boxes, _, _ = load_instances(str(self.root / MASK_DIR / mask_name(name)))
+            boxes, (h, w) = header_boxes(
+                self.root / IMAGE_DIR / name, self.root / MASK_DIR / mask_name(name)
+            )
             out.append(boxes / torch.tensor([w, h, w, h], dtype=torch.float32))
         return torch.cat(out)
 

@@ -6,10 +6,15 @@ main process fails with "DataLoader worker exited unexpectedly" instead of savin
 its own SIGTERM handler in a new worker (one that kills the worker) before the worker_init_fn can
 ignore the signal, and a signal in that window would kill it: so workers start with SIGINT and
 SIGTERM blocked, and ``ignore_stop_signals`` ignores, then unblocks them.
+
+The price: multiprocessing ends a daemon process at exit with SIGTERM, then waits for it. Workers
+that a failed or stopped fit leaves running (a data error, a signal during validation) would
+ignore that and the process would wait forever, so at exit such workers are killed first.
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import multiprocessing.context
 import signal
@@ -31,6 +36,18 @@ class ShieldedForkContext(multiprocessing.context.ForkContext):
     """The fork start method, with SIGINT / SIGTERM blocked in new processes."""
 
     Process = _ShieldedForkProcess
+
+
+def _kill_leftover_workers() -> None:
+    for p in multiprocessing.active_children():
+        if isinstance(p, _ShieldedForkProcess):
+            p.kill()
+            p.join(timeout=10)
+
+
+# at exit, before multiprocessing's own handler (atexit runs the last registered first), which
+# registered on import
+atexit.register(_kill_leftover_workers)
 
 
 def worker_context(num_workers: int) -> multiprocessing.context.BaseContext | None:

@@ -91,6 +91,8 @@ def _load_error(path: Path, error: Exception) -> str:
             reason = reason or (lines[i + 1] if i + 1 < len(lines) else "")
             # its first sentence: what was refused, not how to allow it
             return f"refused by the weights-only load: {reason.split('. ')[0]}"
+        if "GLOBAL" in line and "Weights only load failed" in lines[0]:  # a blocked module
+            return f"refused by the weights-only load: {line.split('. ')[0]}"
     return lines[0] if lines else type(error).__name__
 
 

@@ -64,6 +64,20 @@ def map_backend() -> str:
     return "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
 
 
+def _start_momentum(optimizer: torch.optim.SGD) -> None:
+    """Zero momentum buffers where fused SGD has none yet. It creates them uninitialized in its
+    first step and fills them there, unless ``found_inf`` skips that step: the next one would
+    then add garbage to the weights. From zero, a first step is the same (buffer = gradient,
+    without dampening, the only case it applies to)."""
+    for group in optimizer.param_groups:
+        if not group["momentum"] or group["dampening"]:
+            continue
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if p.grad is not None and state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p)
+
+
 class NonFiniteLossError(RunFailed):
     """The loss stayed NaN/inf for too many consecutive steps."""
 
@@ -237,6 +251,8 @@ class SSDLitModule(L.LightningModule):
         """
         if not self._fused(optimizer):
             return
+        if isinstance(optimizer, torch.optim.SGD):
+            _start_momentum(optimizer)
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         norms = torch._foreach_norm(grads) if grads else [torch.zeros((), device=self.device)]
         bad = (~torch.isfinite(torch.stack(norms).sum())).float()

@@ -84,9 +84,9 @@ class EpochLog(Callback):
             self.val_epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        values = trainer.callback_metrics  # every rank: it reduces metrics logged with sync_dist
         if not trainer.is_global_zero:
             return
-        values = trainer.callback_metrics
         parts = [f"epoch {epoch_text(trainer)}"]
         parts += [
             f"{k.removesuffix('_epoch')} {float(values[k]):.4g}"

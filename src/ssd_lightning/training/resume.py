@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -78,6 +79,8 @@ def resume_argv(argv: list[str]) -> list[str]:
         original = [str(o) for o in yaml.safe_load(overrides_file.read_text()) or []]
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"resume={value}: cannot read {overrides_file} ({e})") from None
+    # the checkpoint a run started from (ckpt_path=) is not where it continues from: its own is
+    original = [o for o in original if not o.lstrip("+~").startswith("ckpt_path=")]
     rest = [a if not a.startswith("resume=") else f"resume={run_dir}" for a in argv[1:]]
     return [argv[0], *original, *rest, f'hydra.run.dir="{run_dir}"']
 
@@ -91,7 +94,7 @@ def remember_run_config(argv: list[str]) -> None:
     Hydra rewrites them before the task runs; a resume refused before it starts puts them back
     (``restore_run_config``), or the next ``resume=`` would replay the refused overrides."""
     value = _arg(argv, "hydra.run.dir")
-    if value and "${" not in value:
+    if value:
         hydra_dir = Path(value).expanduser() / OVERRIDES_FILE.parent
         _RUN_CONFIG_BEFORE.update({p: p.read_bytes() for p in hydra_dir.glob("*.yaml")})
 
@@ -129,9 +132,19 @@ def _checkpoint_dir(cfg: DictConfig, output_dir: Path) -> Path:
 
 
 def _arg(argv: list[str], key: str) -> str | None:
-    """The value of the last ``key=value`` in argv (quotes stripped), or None."""
-    values = [a.partition("=")[2] for a in argv if a.startswith(f"{key}=")]
-    return values[-1].strip("'\"") if values else None
+    """The value of the last ``key=value`` (or ``+key=`` / ``++key=``) in argv, quotes stripped
+    and ``${oc.env:VAR}`` / ``${oc.env:VAR,default}`` resolved (as a SLURM job names its run
+    dir); None when absent, or when another interpolation is left (Hydra's to resolve)."""
+    values = [a.partition("=")[2] for a in argv if a.lstrip("+").startswith(f"{key}=")]
+    if not values:
+        return None
+    value = re.sub(r"\$\{oc\.env:([^,}]+)(?:,([^}]*))?\}", _env_value, values[-1].strip("'\""))
+    return None if "${" in value else value
+
+
+def _env_value(match: re.Match) -> str:
+    found = os.environ.get(match[1].strip(), match[2])
+    return "${unset}" if found is None else found.strip().strip("'\"")  # unset: left to Hydra
 
 
 def refuse_existing_run_dir(argv: list[str]) -> None:
@@ -145,7 +158,7 @@ def refuse_existing_run_dir(argv: list[str]) -> None:
     ckpt = None if ckpt in (None, "null") else Path(ckpt).expanduser().resolve()
     for key in ("hydra.run.dir", "hydra.sweep.dir"):
         value = _arg(argv, key)
-        if not value or "${" in value:  # interpolations are resolved by Hydra: checked later
+        if not value:  # absent, or an interpolation only Hydra resolves: checked later
             continue
         root = Path(value).expanduser()
         dirs = [root] if key == "hydra.run.dir" else sorted(p for p in root.glob("*") if p.is_dir())
@@ -224,13 +237,27 @@ def start_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     if _first_process():
         if previous and not in_place:  # overwrite=true: no stale best model, metrics or status
             log.warning("overwrite=true: removing the previous run's %s", previous)
-            shutil.rmtree(_checkpoint_dir(cfg, output_dir), ignore_errors=True)
+            for directory in (_checkpoint_dir(cfg, output_dir), *_logger_dirs(cfg, output_dir)):
+                shutil.rmtree(directory, ignore_errors=True)  # no old curves in the dashboards
             for path in (*previous, output_dir / JOB_STATUS_FILE, output_dir / EVAL_METRICS_FILE):
                 path.unlink(missing_ok=True)
         for directory in (output_dir, _checkpoint_dir(cfg, output_dir)):
             if directory.is_dir():
                 remove_stale_temps(directory)
     return None if ckpt is None else str(ckpt)
+
+
+def _logger_dirs(cfg: DictConfig, output_dir: Path) -> list[Path]:
+    """The loggers' folders inside the run dir (``<save_dir>/<name>``: tensorboard/, csv/)."""
+    out = []
+    for node in (cfg.get("logger") or {}).values():
+        save_dir, name = OmegaConf.select(node, "save_dir"), OmegaConf.select(node, "name")
+        if save_dir is None or not name:
+            continue
+        path = (Path(str(save_dir)) / str(name)).expanduser().resolve()
+        if path.is_relative_to(output_dir) and path != output_dir:
+            out.append(path)
+    return out
 
 
 def use_checkpoint_classes(

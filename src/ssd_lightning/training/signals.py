@@ -36,6 +36,7 @@ def stop_on_signals() -> Iterator[list[int]]:
     if threading.current_thread() is not threading.main_thread():  # signals need the main thread
         yield received
         return
+    _RECEIVED.append(received)
 
     def on_sigterm(signum: int, frame: Any) -> None:  # Lightning calls this after its own
         received.append(signum)
@@ -53,8 +54,15 @@ def stop_on_signals() -> Iterator[list[int]]:
     try:
         yield received
     finally:
+        _RECEIVED.remove(received)
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+# the signals of the fits under way (``stop_on_signals``): one that came before Lightning took
+# over the signal handling (while the data loads or the checkpoint restores) is applied when
+# training starts (``StopTogether.on_train_start``)
+_RECEIVED: list[list[int]] = []
 
 
 class StopTogether(L.Callback):
@@ -68,6 +76,10 @@ class StopTogether(L.Callback):
         self._active = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a signal before Lightning's handler was installed (setup, preload, restore) only reached
+        # stop_on_signals' record: stop at the first batch, as Lightning would have
+        if any(_RECEIVED):
+            trainer._signal_connector.received_sigterm = True
         # Lightning installs its handler when the fit starts, before this hook
         self._marked = False
         self._active = (
