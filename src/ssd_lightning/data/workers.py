@@ -15,6 +15,7 @@ ignore that and the process would wait forever, so at exit such workers are kill
 from __future__ import annotations
 
 import atexit
+import functools
 import multiprocessing
 import multiprocessing.context
 import signal
@@ -30,6 +31,7 @@ class _ShieldedForkProcess(multiprocessing.context.ForkProcess):
             super().start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _kill_leftovers_at_exit()
 
 
 class ShieldedForkContext(multiprocessing.context.ForkContext):
@@ -39,15 +41,25 @@ class ShieldedForkContext(multiprocessing.context.ForkContext):
 
 
 def _kill_leftover_workers() -> None:
-    for p in multiprocessing.active_children():
-        if isinstance(p, _ShieldedForkProcess):
-            p.kill()
-            p.join(timeout=10)
+    leftovers = [
+        p for p in multiprocessing.active_children() if isinstance(p, _ShieldedForkProcess)
+    ]
+    if not leftovers:
+        return
+    # torch's SIGCHLD handler raises when a worker dies of a signal: these deaths are wanted
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in leftovers:
+        p.kill()
+    for p in leftovers:
+        p.join(timeout=10)
 
 
-# at exit, before multiprocessing's own handler (atexit runs the last registered first), which
-# registered on import
-atexit.register(_kill_leftover_workers)
+@functools.cache
+def _kill_leftovers_at_exit() -> None:
+    # registered once a worker has started: after multiprocessing's own exit handler (which its
+    # util module registers when imported, at the latest by starting a process), so that it runs
+    # first (atexit runs the last registered first)
+    atexit.register(_kill_leftover_workers)
 
 
 def worker_context(num_workers: int) -> multiprocessing.context.BaseContext | None:
