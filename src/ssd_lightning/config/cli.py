@@ -52,7 +52,7 @@ USER_ERRORS: tuple[tuple[tuple[type[BaseException], ...], str], ...] = (
     ((DataError,), "Data error"),
     ((UserFileError, FileNotFoundError, MissingDependencyError, ExportCheckError), "Error"),
 )
-_ALL_USER_ERRORS = tuple(t for types, _ in USER_ERRORS for t in types)
+ALL_USER_ERRORS = tuple(t for types, _ in USER_ERRORS for t in types)
 
 
 class JobFailed(CompactHydraException):
@@ -222,10 +222,10 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
             except InterpolationResolutionError as e:
                 # a resolver's own user error (e.g. ${ssd_coco_classes:} reading a bad file)
                 inner = e.__cause__ or e.__context__
-                if isinstance(inner, _ALL_USER_ERRORS):
+                if isinstance(inner, ALL_USER_ERRORS):
                     raise inner from None
                 raise
-        except _ALL_USER_ERRORS as e:
+        except ALL_USER_ERRORS as e:
             kind = kind_of(e)
             log_to_files(f"{kind}: {message_of(e)}")
             if _in_sweep():
@@ -266,7 +266,7 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
                 # what Hydra printed of it (anything else held, e.g. a launcher's, is passed on)
                 cause = error.__cause__
                 held.release([str(error), "" if cause is None else str(cause), _FULL_ERROR], error)
-                kind = kind_of(error) if isinstance(error, _ALL_USER_ERRORS) else "Config error"
+                kind = kind_of(error) if isinstance(error, ALL_USER_ERRORS) else "Config error"
                 exit_with_error(_group_set_to_null(error), kind)
             raise
         finally:
@@ -280,5 +280,5 @@ def run_tool(fn: Callable[[], Any]) -> Any:
     quiet_lightning()
     try:
         return fn()
-    except _ALL_USER_ERRORS as e:
+    except ALL_USER_ERRORS as e:
         exit_with_error(e, kind_of(e))

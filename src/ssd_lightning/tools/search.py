@@ -127,7 +127,7 @@ class ObjectiveCheck(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # imported here: summarize imports this module and starts without the model code
-        from ssd_lightning.config.cli import USER_ERRORS, exit_with_error, kind_of
+        from ssd_lightning.config.cli import ALL_USER_ERRORS, exit_with_error, kind_of
         from ssd_lightning.config.compose import instantiate_checked
         from ssd_lightning.config.validation import validate_config
 
@@ -138,7 +138,7 @@ class ObjectiveCheck(Callback):
             model = config.copy()  # built for its checks: no weights to fetch or load here
             OmegaConf.update(model, "model.net.weights", "none", force_add=True)
             instantiate_checked(model.model, "model")
-        except tuple(t for types, _ in USER_ERRORS for t in types) as e:
+        except ALL_USER_ERRORS as e:
             # the tools' one exit path; SystemExit, since Hydra turns a callback's exceptions
             # into warnings
             exit_with_error(e, kind_of(e))
